@@ -1,0 +1,93 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, DeepSeek-V3 section 2.1.1).
+
+q = W_qb(RMSNorm(W_qa x)) (or W_q x without q-LoRA); [c_kv, k_rope] = W_kva x;
+[k_nope, v] = W_kvb(RMSNorm(c_kv)); RoPE on the rope part only, k_rope shared by all heads.
+Only (c_kv, k_rope) are cached during generation: MLA's compressed KV cache.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class LatentKVCache:
+    """Per-layer compressed cache: normalized c_kv [B, T, kv_lora_rank] and roped k_rope [B, T, R]."""
+
+    def __init__(self) -> None:
+        self.c_kv: dict = {}
+        self.k_rope: dict = {}
+
+    def length(self, layer: int = 0) -> int:
+        return self.c_kv[layer].shape[1] if layer in self.c_kv else 0
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.c_kv:
+            c_kv = torch.cat([self.c_kv[layer], c_kv], dim=1)
+            k_rope = torch.cat([self.k_rope[layer], k_rope], dim=1)
+        self.c_kv[layer], self.k_rope[layer] = c_kv, k_rope
+        return c_kv, k_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.softmax_scale = cfg.softmax_scale
+
+    def forward(self, x_BSD: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor],
+                cache: Optional[LatentKVCache] = None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        cos, sin = rope
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_nope, q_rope = q.view(B, S, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        start = 0
+        if cache is not None:
+            start = cache.length(self.layer_idx)
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+        T = c_kv.shape[1]
+        k_nope, v = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+
+        q_BHSE = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+        k_BHTE = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v_BHTE = v.transpose(1, 2)
+        out = attention(q_BHSE, k_BHTE, v_BHTE, self.softmax_scale, start)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """Causal softmax attention; query i sits at absolute position start + i of the keys."""
+    S, T = q.shape[2], k.shape[2]
+    if start == 0 and S == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,0 +1,182 @@
+"""DeepSeekMoE: 1 shared + N routed SwiGLU experts behind a sigmoid, group-limited top-k router.
+
+DeepSeek-V3 section 2.1.2: s = sigmoid(x W^T) in fp32; the per-expert bias b (auxiliary-loss-free
+balancing, eq. 16) is added for *selection only*; a token may only pick experts from the
+`topk_group` best groups (a group = one node's experts, so "at most M nodes per token"); gate
+weights are the unbiased scores of the selected experts, normalized, times `routed_scaling_factor`.
+The complementary sequence-wise balance loss (eq. 17-20) is attached to the layer output so its
+gradient flows without the caller having to add it to the loss.
+
+The layer never moves tokens itself: it hands them to a *dispatcher* (local by default; `parallel/`
+supplies the expert-parallel ones) together with the experts module.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert, counts_E rows per expert: row n of expert e -> x[n] @ w[e]^T."""
+    if x_ND.shape[0] == 0:
+        return x_ND.new_zeros(0, w_EOD.shape[1])
+    offsets = torch.cumsum(counts_E, 0).to(torch.int32)
+    return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offsets)
+
+
+class GroupedExperts(nn.Module):
+    """`num_experts` SwiGLU experts stored as stacked weights, run as grouped GEMMs.
+
+    gate_up_proj [E, 2I, D] holds gate (first I rows) and up projections; down_proj [E, D, I].
+    """
+
+    def __init__(self, num_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.num_experts, self.dim, self.inter_dim = num_experts, dim, inter_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        gate, up = grouped_linear(x_ND, self.gate_up_proj, counts_E).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, counts_E)
+
+
+class LocalDispatcher:
+    """Single-process dispatch: sort (token, expert) pairs by expert, run experts, weighted sum."""
+
+    def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                 experts: GroupedExperts) -> torch.Tensor:
+        T, K = topk_idx_TK.shape
+        flat_idx = topk_idx_TK.flatten()
+        order = torch.argsort(flat_idx, stable=True)
+        counts_E = torch.bincount(flat_idx, minlength=experts.num_experts)
+        y_sorted = experts(x_TD[order // K], counts_E)
+        y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
+        return combine(y_TKD, topk_weight_TK).to(x_TD.dtype)
+
+
+def combine(y_TKD: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of a token's expert outputs, in fp32 (the recipe keeps the combine high precision)."""
+    return torch.bmm(weight_TK.float().unsqueeze(1), y_TKD.float()).squeeze(1)
+
+
+class Router(nn.Module):
+    """Sigmoid gate with selection-only bias and group-limited top-k; tracks expert load."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.route_scale, self.norm_topk_prob = cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (topk_idx [T, K], topk_weight [T, K] fp32, scores [T, E] fp32)."""
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        topk_idx_TK = self.select(scores_TE.detach())
+        weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
+        return topk_idx_TK, weight_TK * self.route_scale, scores_TE
+
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Group-limited top-k on the biased scores; at most `topk_group` groups per token."""
+        biased_TE = scores_TE + self.e_score_correction_bias
+        if self.n_group > 1:
+            T = biased_TE.shape[0]
+            grouped_TGe = biased_TE.view(T, self.n_group, -1)
+            per_group = min(2, grouped_TGe.shape[-1])
+            group_score_TG = grouped_TGe.topk(per_group, dim=-1).values.sum(dim=-1)
+            kept_TG = group_score_TG.topk(self.topk_group, dim=-1).indices
+            dropped_TG = torch.ones_like(group_score_TG, dtype=torch.bool).scatter_(1, kept_TG, False)
+            biased_TE = grouped_TGe.masked_fill(dropped_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+        return biased_TE.topk(self.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float, load_E: Optional[torch.Tensor] = None) -> None:
+        """Auxiliary-loss-free balancing: b -= gamma for overloaded experts, += gamma for underloaded.
+
+        `load_E` defaults to the tokens counted since the last update (pass the all-reduced global
+        load in data/expert-parallel runs). Resets the counters.
+        """
+        load_E = self.tokens_per_expert if load_E is None else load_E
+        self.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E)
+        self.tokens_per_expert.zero_()
+
+
+def sequence_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Sequence-wise balance loss sum_i f_i P_i averaged over sequences (report eq. 17-20, without alpha)."""
+    T, E = scores_TE.shape
+    K = topk_idx_TK.shape[1]
+    seq_len = T // n_seq
+    probs_BSE = (scores_TE / scores_TE.sum(dim=-1, keepdim=True)).view(n_seq, seq_len, E)
+    counts_BE = torch.zeros(n_seq, E, device=scores_TE.device).scatter_add_(
+        1, topk_idx_TK.view(n_seq, seq_len * K), torch.ones(n_seq, seq_len * K, device=scores_TE.device))
+    f_BE = counts_BE * E / (K * seq_len)
+    return (f_BE * probs_BSE.mean(dim=1)).sum(dim=1).mean()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on y whose backward also sends d(total)/d(aux) = `weight` into the aux loss."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad_y, torch.full(shape, ctx.weight, dtype=dtype, device=device), None
+
+
+class MoE(nn.Module):
+    """Router + routed experts (through a dispatcher) + shared expert."""
+
+    def __init__(self, cfg: ModelConfig, experts: Optional[GroupedExperts] = None):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = experts or GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher()
+        self.aux_loss_weight = cfg.aux_loss_alpha
+        self.last_balance_loss = torch.zeros(())
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        topk_idx_TK, weight_TK, scores_TE = self.gate(x_TD)
+        y_TD = self.dispatcher(x_TD, topk_idx_TK, weight_TK, self.experts)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        if self.training and torch.is_grad_enabled() and self.aux_loss_weight > 0:
+            aux = sequence_balance_loss(scores_TE, topk_idx_TK, B)
+            self.last_balance_loss = aux.detach()
+            y_TD = _AttachAuxLoss.apply(y_TD, aux, self.aux_loss_weight)
+        return y_TD.view(B, S, D)

@@ -1,0 +1,125 @@
+"""The DeepSeek-V3 network: embedding -> blocks -> final norm -> head, plus the MTP modules.
+
+DeepSeek-V3 sections 2.1-2.2. Parameter names follow Hugging Face's DeepseekV3 layout (without the
+`model.` prefix) so checkpoint conversion is a rename. Layers live in a ModuleDict keyed by their
+global index so a pipeline stage that keeps a subset still has the same parameter names.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import Block
+from .config import ModelConfig
+from .mla import LatentKVCache
+from .moe import MoE, GroupedExperts, Router
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
+                                 for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: Optional[float] = None) -> None:
+        """Normal(0, std) for every matrix (std = initializer_range, 0.006 in the report), ones for norms."""
+        std = self.cfg.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, std)
+
+    def forward(self, tokens_BS: torch.Tensor, *, cache: Optional[LatentKVCache] = None,
+                return_mtp: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Logits [B, S, V]. With `return_mtp`, also a list of D tensors: entry k-1 holds
+        [B, S-k, V] logits where position i predicts token i+k+1."""
+        S = tokens_BS.shape[1]
+        start = cache.length() if cache is not None else 0
+        emb = self.embed_tokens(tokens_BS)
+        rope = self.rotary(S, start)
+        h = emb
+        for block in self.layers.values():
+            h = block(h, rope, cache)
+        logits = self.lm_head(self.norm(h))
+        if not return_mtp:
+            return logits
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            if S - k <= 0:
+                break
+            h = module(h[:, :-1], emb[:, k:], self.rotary(S - k))
+            mtp_logits.append(self.lm_head(module.norm(h)))
+        return logits, mtp_logits
+
+    def moe_layers(self) -> List[MoE]:
+        """Every MoE layer, main blocks first, then the MTP blocks."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last bias update: [n_moe_layers, n_routed_experts]."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0)
+        return torch.stack([m.gate.tokens_per_expert for m in layers])
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
+        """Bias update of auxiliary-loss-free balancing for every router (resets the load counters)."""
+        for i, m in enumerate(self.moe_layers()):
+            m.gate.update_bias(gamma, None if load_LE is None else load_LE[i])
+
+    def set_balance_loss_weight(self, weight: float) -> None:
+        """Gradient weight of the sequence-wise balance loss (alpha / gradient accumulation steps)."""
+        for m in self.moe_layers():
+            m.aux_loss_weight = weight
+
+    def balance_loss(self) -> torch.Tensor:
+        """Sum over MoE layers of the last training forward's sequence balance loss (detached)."""
+        layers = self.moe_layers()
+        return torch.stack([m.last_balance_loss for m in layers]).sum() if layers else torch.zeros(())
+
+
+def maxvio(load_LE: torch.Tensor) -> float:
+    """Max over layers of max_load / mean_load - 1 (the report's MaxVio, section 2.1.2)."""
+    if load_LE.numel() == 0:
+        return 0.0
+    mean = load_LE.float().mean(dim=1).clamp_min(1e-9)
+    return float((load_LE.float().max(dim=1).values / mean - 1).max())
+
+
+def lm_loss(model: Transformer, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Cross-entropy of next-token prediction on tokens[:, :-1] -> tokens[:, 1:], and the mean MTP loss.
+
+    Returns {"loss": main CE, "mtp_loss": mean over depths of the MTP CE (0 without MTP)}.
+    """
+    inputs, labels = tokens_BT[:, :-1], tokens_BT[:, 1:]
+    logits, mtp_logits = model(inputs, return_mtp=True)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    mtp_losses = [F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten())
+                  for k, lg in enumerate(mtp_logits, start=1)]
+    mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else loss.new_zeros(())
+    return {"loss": loss, "mtp_loss": mtp_loss}
