@@ -1,0 +1,307 @@
+"""Tokenizers: train or load a byte-level BPE (`tokenizers`) or a SentencePiece BPE model.
+
+DeepSeek-V3 (section 4.1) uses byte-level BPE with a pre-tokenizer that keeps numbers short and
+merges punctuation with line breaks. Ours follows that spirit: every digit is its own pre-token,
+letters keep one optional leading non-letter (" x", "(x", "_name"), punctuation/symbol runs take
+the line breaks that follow them (":\\n", ")\\n\\n"), whitespace runs give their last space to the
+next word. Merged punctuation+newline tokens cause the token-boundary bias the report mentions;
+`Tokenizer.split_table()` lists them with their pieces so the dataset can split some at random.
+
+Special tokens (ids 0-5 in the BPE kind; SentencePiece puts its <|unk|> at 0 and these after):
+`<|begin_of_text|>` (BOS), `<|end_of_text|>` (EOS, joins packed documents), `<|pad|>` and the FIM
+tokens `<|fim_begin|>`, `<|fim_hole|>`, `<|fim_end|>`. `encode` never adds them and never produces
+them from text (a literal "<|fim_begin|>" in a document is encoded as ordinary text).
+
+CLI: `python -m data.tokenizer --input DIR_OR_FILES... --vocab-size N --out DIR [--kind bpe|sentencepiece]`
+or `python -m data.tokenizer --load PATH`; both print a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import unicodedata
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from data.sources import iter_documents
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+FIM_BEGIN, FIM_HOLE, FIM_END = "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, FIM_BEGIN, FIM_HOLE, FIM_END)
+SP_UNK = "<|unk|>"
+KINDS = ("bpe", "sentencepiece")
+MIN_VOCAB = 300
+
+# Pre-tokenizer regex (applied after isolating every digit): letters with one optional leading
+# non-letter; a single digit; an optional space + punctuation/symbols + the line breaks after them;
+# line-break runs; whitespace that leaves its last space to the next word; other whitespace.
+PRETOKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[\p{P}\p{S}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SP_CHUNK_CHARS = 4000  # SentencePiece drops longer "sentences": feed documents in line-aligned chunks
+
+
+class Tokenizer:
+    """A trained tokenizer of either kind with the special-token ids the data pipeline needs."""
+
+    def __init__(self, backend, kind: str, path: Optional[Path] = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(KINDS)}")
+        self.kind = kind
+        self.path = Path(path) if path is not None else None
+        self._backend = backend
+        self._split_table: Optional[dict[int, list[int]]] = None
+        if kind == "bpe":
+            backend.encode_special_tokens = True
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+            lookup = backend.token_to_id
+        else:
+            self.vocab_size = backend.get_piece_size()
+
+            def lookup(piece):
+                i = backend.piece_to_id(piece)
+                return None if i == backend.unk_id() else i
+
+        ids = {name: lookup(name) for name in SPECIAL_TOKENS}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer {path or ''} lacks the special tokens {missing}; "
+                             f"train it with data.tokenizer (which adds {list(SPECIAL_TOKENS)})")
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids[FIM_BEGIN], ids[FIM_HOLE], ids[FIM_END]
+        self.special_ids = {i: name for name, i in ids.items()}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no BOS/EOS added, special-token strings encoded as plain text."""
+        if self.kind == "bpe":
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self._backend.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text (the BPE kind runs them in parallel threads)."""
+        if self.kind == "bpe":
+            fast = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # no offsets
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+        return self._backend.encode(texts)
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; special tokens are written out by name (e.g. "<|fim_hole|>")."""
+        ids = [int(i) for i in ids]
+        if self.kind == "bpe":
+            return self._backend.decode(ids, skip_special_tokens=False)
+        parts, run = [], []
+        for i in ids:
+            if i in self.special_ids:
+                parts += [self._backend.decode(run), self.special_ids[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts) + self._backend.decode(run)
+
+    def info(self) -> dict:
+        """JSON-serializable summary: kind, path, vocab_size and the special-token ids."""
+        return {"kind": self.kind, "path": str(self.path) if self.path else None,
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id, "fim_begin_id": self.fim_begin_id,
+                "fim_hole_id": self.fim_hole_id, "fim_end_id": self.fim_end_id}
+
+    def split_table(self) -> dict[int, list[int]]:
+        """{token id: piece ids} for every token made of punctuation/symbols (with at most one
+        leading space) followed by line breaks, e.g. ")\\n" -> [")", "\\n"]: the tokens whose random
+        splitting reduces the token-boundary bias (DeepSeek-V3 section 4.1)."""
+        if self._split_table is None:
+            if self.kind == "bpe":
+                texts = self._backend.decode_batch([[i] for i in range(self.vocab_size)],
+                                                   skip_special_tokens=False)
+            else:
+                texts = self._backend.decode([[i] for i in range(self.vocab_size)])
+            table = {}
+            for i, text in enumerate(texts):
+                if i in self.special_ids:
+                    continue
+                head = text.rstrip("\r\n")
+                tail = text[len(head):]
+                body = head[1:] if head.startswith(" ") else head
+                if tail and body and all(unicodedata.category(c)[0] in "PS" for c in body):
+                    pieces = self.encode(head) + self.encode(tail)
+                    if len(pieces) > 1:
+                        table[i] = pieces
+            self._split_table = table
+        return self._split_table
+
+    def save(self, out_dir: Path) -> Path:
+        """Write tokenizer.json (BPE) or tokenizer.model (SentencePiece) and tokenizer_config.json
+        into `out_dir`, a directory a Hugging Face export can copy. Returns `out_dir`."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                  "additional_special_tokens": [FIM_BEGIN, FIM_HOLE, FIM_END],
+                  "add_bos_token": False, "add_eos_token": False,
+                  "model_max_length": 1 << 30, "moeforge_kind": self.kind}
+        if self.kind == "bpe":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            self._backend.save(str(out_dir / "tokenizer.json"))
+        else:
+            config["unk_token"] = SP_UNK
+            (out_dir / "tokenizer.model").write_bytes(self._backend.serialized_model_proto())
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self.path = out_dir
+        return out_dir
+
+
+def _bpe_backend():
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(PRETOKEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sp_chunks(texts: Iterable[str]) -> Iterable[str]:
+    for text in texts:
+        buf = ""
+        for line in text.splitlines(keepends=True):
+            if buf and len(buf) + len(line) > SP_CHUNK_CHARS:
+                yield buf
+                buf = ""
+            buf += line
+        if buf:
+            yield buf
+
+
+def _texts(files, max_bytes: Optional[int]) -> Iterable[str]:
+    """Texts from an iterable of Paths (files/directories: read as documents) or of strings
+    (already texts), stopping once `max_bytes` UTF-8 bytes were given."""
+    def raw():
+        for item in files:
+            if isinstance(item, Path):
+                yield from iter_documents([item])
+            elif isinstance(item, str):
+                yield item
+            else:
+                raise TypeError(f"train_tokenizer takes Paths or strings, got {type(item).__name__}")
+    seen = 0
+    for text in raw():
+        yield text
+        seen += len(text.encode("utf-8"))
+        if max_bytes is not None and seen >= max_bytes:
+            return
+
+
+def train_tokenizer(files, vocab_size: int, out_dir: Path, kind: str = "bpe",
+                    max_bytes: Optional[int] = None) -> Tokenizer:
+    """Train a tokenizer of `kind` ("bpe": byte-level BPE; "sentencepiece": SentencePiece BPE with
+    byte fallback) with `vocab_size` entries (specials included; fewer if the corpus is too small),
+    save it in `out_dir` and return it. `files` yields Paths (files or directories, read as in
+    data.prepare) or strings (texts); `max_bytes` caps the training text."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(KINDS)}")
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size} is too small; it must be >= {MIN_VOCAB} "
+                         f"(256 bytes + special tokens + merges)")
+    texts = _texts(files, max_bytes)
+    if kind == "bpe":
+        from tokenizers import pre_tokenizers, trainers
+
+        backend = _bpe_backend()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        backend.train_from_iterator(texts, trainer)
+    else:
+        import io
+
+        import sentencepiece as spm
+
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_sp_chunks(texts)), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+            normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=SP_UNK, bos_piece=BOS,
+            eos_piece=EOS, pad_piece=PAD, control_symbols=[FIM_BEGIN, FIM_HOLE, FIM_END],
+            max_sentence_length=4 * SP_CHUNK_CHARS + 16, hard_vocab_limit=False,
+            num_threads=2, minloglevel=2)
+        backend = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    tok = Tokenizer(backend, kind)
+    tok.save(out_dir)
+    return tok
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load a tokenizer from a directory holding tokenizer.json or one *.model file, or from the
+    file itself. FileNotFoundError/ValueError naming the path otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path does not exist: {path}")
+    if path.is_dir():
+        models = sorted(path.glob("*.model"))
+        if (path / "tokenizer.json").is_file():
+            file = path / "tokenizer.json"
+        elif len(models) == 1:
+            file = models[0]
+        else:
+            raise FileNotFoundError(f"{path} holds no tokenizer.json and "
+                                    f"{'several' if models else 'no'} *.model files "
+                                    f"({[m.name for m in models]}); pass the file itself")
+    else:
+        file = path
+    if file.suffix == ".json":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as e:
+            raise ValueError(f"{file} is not a valid tokenizers tokenizer.json: {e}") from None
+        return Tokenizer(backend, "bpe", path)
+    if file.suffix == ".model":
+        import sentencepiece as spm
+
+        backend = spm.SentencePieceProcessor()
+        try:
+            backend.load(str(file))
+        except Exception as e:
+            raise ValueError(f"{file} is not a valid SentencePiece model: {e}") from None
+        return Tokenizer(backend, "sentencepiece", path)
+    raise ValueError(f"{file} is not a tokenizer file: expected tokenizer.json or a "
+                     f"SentencePiece *.model, or a directory holding one")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n")[0])
+    p.add_argument("--input", nargs="+", type=Path, help="directories / files / .jsonl / .parquet to train on")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size, special tokens included")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--kind", default="bpe", help=f"one of {', '.join(KINDS)} (default bpe)")
+    p.add_argument("--max-bytes", type=int, default=None, help="train on at most this much text")
+    p.add_argument("--load", type=Path, help="load an existing tokenizer and print its summary")
+    args = p.parse_args(argv)
+    if args.load is None and (not args.input or args.vocab_size is None or args.out is None):
+        p.error("training needs --input, --vocab-size and --out (or use --load PATH)")
+    try:
+        if args.load is not None:
+            tok = load_tokenizer(args.load)
+        else:
+            for path in args.input:
+                if not path.exists():
+                    raise FileNotFoundError(f"input path does not exist: {path}")
+            tok = train_tokenizer(list(args.input), args.vocab_size, args.out, args.kind, args.max_bytes)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    example = "def f(x):\n    return x + 42\n"
+    summary = dict(tok.info(), split_tokens=len(tok.split_table()),
+                   example=[tok.decode([i]) for i in tok.encode(example)])
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""FP8 fine-grained quantization and blockwise GEMMs: the plain-PyTorch reference that defines the numerics.
+
+DeepSeek-V3 report, section 3.3 (FP8 training): activations are scaled per 1x128 tile (per token, per
+128 channels) in the forward pass and per 128x1 tile (per 128 tokens of a channel) for the weight
+gradient; weights per 128x128 block. scale = max(amax, 1e-4) / 448 (E4M3's largest value), optionally
+rounded up to a power of 2; x_fp8 = round_to_nearest_even(x / scale). GEMMs multiply FP8 operands and
+promote the fp32 partial sum of every 128-wide block of K to the fp32 accumulator, applying both
+operands' scales there. The input of the linear after attention is cached in E5M6 (section 3.3.2),
+emulated here as 12-bit codes packed two per three bytes with power-of-2 scales.
+
+Layouts: a "1x128" scale of x [..., M, K] is [..., M, ceil(K/128)]; a "128x128" scale is
+[..., ceil(M/128), ceil(K/128)]. `quantize_128x1` returns the *transposed* data [K, M] with a 1x128
+scale [K, ceil(M/128)], ready to be an operand of `fp8_gemm` whose contraction runs over M.
+Shapes that are not multiples of 128 are padded with zeros inside (the last tile is partial).
+`kernels/triton/` implements the same functions and must agree bit for bit (GEMMs: to fp32 rounding).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+BLOCK = 128
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+E5M6_MAX = 65024.0  # (2 - 2**-6) * 2**15
+AMAX_FLOOR = 1e-4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest power of 2 >= scale (positive normal fp32), by clearing the mantissa after a carry."""
+    bits = scale.float().contiguous().view(torch.int32)
+    return ((bits + 0x7FFFFF) & -0x800000).view(torch.float32)
+
+
+def compute_scale(amax: torch.Tensor, pow2: bool = False, fmt_max: float = E4M3_MAX) -> torch.Tensor:
+    """scale = max(amax, 1e-4) / fmt_max in fp32, rounded up to a power of 2 when `pow2`."""
+    scale = amax.float().clamp_min(AMAX_FLOOR) / fmt_max
+    return round_up_pow2(scale) if pow2 else scale
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[-1]) % multiple
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def _to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def quantize_1x128(x: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per 128 contiguous elements of the last dim: (x_fp8 like x, scale [..., ceil(K/128)] fp32)."""
+    K = x.shape[-1]
+    xp = _pad_last(x.float(), BLOCK)
+    tiles = xp.view(*xp.shape[:-1], -1, BLOCK)
+    scale = compute_scale(tiles.abs().amax(dim=-1), pow2)
+    q = _to_e4m3(tiles, scale.unsqueeze(-1)).view(xp.shape)[..., :K]
+    return q.contiguous(), scale
+
+
+def quantize_128x128(w: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per 128x128 block of the last two dims: (w_fp8 like w, scale [..., ceil(N/128), ceil(K/128)])."""
+    N, K = w.shape[-2:]
+    wp = _pad_last(_pad_last(w.float(), BLOCK).transpose(-1, -2), BLOCK).transpose(-1, -2)
+    Nb, Kb = wp.shape[-2] // BLOCK, wp.shape[-1] // BLOCK
+    blocks = wp.reshape(*wp.shape[:-2], Nb, BLOCK, Kb, BLOCK)
+    scale = compute_scale(blocks.abs().amax(dim=(-3, -1)), pow2)
+    q = _to_e4m3(blocks, scale[..., :, None, :, None]).reshape(wp.shape)[..., :N, :K]
+    return q.contiguous(), scale
+
+
+def group_blocks(counts: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """Row ranges [start, end) of the 128-row blocks of consecutive groups of `counts` rows.
+
+    Blocks restart at every group boundary (a group never shares a block with the next one).
+    """
+    starts, ends, row = [], [], 0
+    for c in counts:
+        for b in range(0, int(c), BLOCK):
+            starts.append(row + b)
+            ends.append(row + min(b + BLOCK, int(c)))
+        row += int(c)
+    return starts, ends
+
+
+def quantize_128x1(x: torch.Tensor, pow2: bool = False, *, x_scale: Optional[torch.Tensor] = None,
+                   counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per 128 rows of each column of x [M, K]; returns the transposed (xt_fp8 [K, M], scale [K, NB]).
+
+    With `x_scale`, x is FP8 in the 1x128 layout and is dequantized first (the backward pass's
+    re-quantization of a cached activation). With `counts`, the rows form consecutive groups (tokens
+    sorted by expert) and blocks restart at each group: NB = sum(ceil(count / 128)); otherwise NB =
+    ceil(M / 128).
+    """
+    xf = dequantize(x, x_scale) if x_scale is not None else x.float()
+    if counts is None:
+        return quantize_1x128(xf.t(), pow2)
+    pieces, scales, row = [], [], 0
+    for c in counts:
+        q, s = quantize_1x128(xf[row:row + int(c)].t(), pow2)
+        pieces.append(q)
+        scales.append(s)
+        row += int(c)
+    K = x.shape[1]
+    if not pieces:
+        return torch.empty(K, 0, dtype=E4M3, device=x.device), torch.empty(K, 0, device=x.device)
+    return torch.cat(pieces, dim=1), torch.cat(scales, dim=1)
+
+
+def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Scale of shape [..., rows or ceil(rows/128), ceil(cols/128)] -> one factor per element."""
+    s = scale.repeat_interleave(BLOCK, dim=-1)[..., :cols]
+    if scale.shape[-2] != rows:
+        s = s.repeat_interleave(BLOCK, dim=-2)[..., :rows, :]
+    return s
+
+
+def check_scale(name: str, x: torch.Tensor, scale: torch.Tensor) -> None:
+    rows, cols = x.shape[-2], x.shape[-1]
+    if scale.shape[-1] != cdiv(cols, BLOCK) or scale.shape[-2] not in (rows, cdiv(rows, BLOCK)):
+        raise ValueError(f"{name}: scale shape {tuple(scale.shape)} fits neither 1x128 "
+                         f"[{rows}, {cdiv(cols, BLOCK)}] nor 128x128 [{cdiv(rows, BLOCK)}, "
+                         f"{cdiv(cols, BLOCK)}] tiles of a tensor of shape {tuple(x.shape)}")
+
+
+def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_fp8 * scale, the tiling (1x128 or 128x128) read from the scale's shape."""
+    if x_fp8.dim() == 1:
+        return dequantize(x_fp8.unsqueeze(0), scale.unsqueeze(0), out_dtype).squeeze(0)
+    check_scale("dequantize", x_fp8, scale)
+    return (x_fp8.float() * _expand_scale(scale, *x_fp8.shape[-2:])).to(out_dtype)
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """a [M, K] · b [N, K]ᵀ of FP8 operands with 1x128 or 128x128 scales; fp32 promotion per 128 of K.
+
+    For every 128-wide block of K the exact products are summed in fp32, multiplied by both
+    operands' scales and added to an fp32 accumulator; the result is cast to `out_dtype`.
+    """
+    check_scale("fp8_gemm operand a", a, a_scale)
+    check_scale("fp8_gemm operand b", b, b_scale)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_gemm: K differs, a {tuple(a.shape)} vs b {tuple(b.shape)}")
+    M, K = a.shape
+    N = b.shape[0]
+    sa = a_scale.repeat_interleave(BLOCK, dim=0)[:M] if a_scale.shape[0] != M else a_scale
+    sb = b_scale.repeat_interleave(BLOCK, dim=0)[:N] if b_scale.shape[0] != N else b_scale
+    af, bf = a.float(), b.float()
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        for kb in range(cdiv(K, BLOCK)):
+            ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
+            acc += (af[:, ks] @ bf[:, ks].t()) * sa[:, kb, None] * sb[None, :, kb]
+    return acc.to(out_dtype)
+
+
+def _offsets(counts: Sequence[int]) -> List[int]:
+    offs = [0]
+    for c in counts:
+        offs.append(offs[-1] + int(c))
+    return offs
+
+
+def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       counts: Sequence[int], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Rows of a [M, K] (1x128 scales) sorted by group, counts[e] rows each: out rows of group e =
+    a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and Dgrad of experts."""
+    offs = _offsets(counts)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    for e in range(len(counts)):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            out[lo:hi] = fp8_gemm(a[lo:hi], a_scale[lo:hi], b[e], b_scale[e], out_dtype)
+    return out
+
+
+def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       counts: Sequence[int]) -> torch.Tensor:
+    """Per group e, a[:, cols of e] · b[:, cols of e]ᵀ -> fp32 [E, N, K]: the experts' weight gradients.
+
+    a [N, M] and b [K, M] come from `quantize_128x1(..., counts=counts)` (scales [*, NB], blocks
+    restarting at every group); a group with no rows gets a zero gradient.
+    """
+    offs = _offsets(counts)
+    out = torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    blk = 0
+    for e in range(len(counts)):
+        lo, hi = offs[e], offs[e + 1]
+        nb = cdiv(hi - lo, BLOCK)
+        if nb:
+            out[e] = fp8_gemm(a[:, lo:hi], a_scale[:, blk:blk + nb], b[:, lo:hi], b_scale[:, blk:blk + nb],
+                              torch.float32)
+        blk += nb
+    return out
+
+
+def _round_e5m6(v: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values (|v| <= E5M6_MAX) to the nearest E5M6 number, ties to even."""
+    bits = v.view(torch.int32)
+    normal = ((bits + 0xFFFF + ((bits >> 17) & 1)) & -0x20000).view(torch.float32)
+    subnormal = torch.round(v * 2.0 ** 20) * 2.0 ** -20
+    return torch.where(v.abs() < 2.0 ** -14, subnormal, normal)
+
+
+def quantize_e5m6(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """E5M6 (1 sign, 5 exponent, 6 mantissa bits) per 1x128 tile with power-of-2 scales.
+
+    Returns (packed uint8 [..., 3 * ceil(K/2)]: two 12-bit codes in three bytes, scale [..., ceil(K/128)]).
+    """
+    K = x.shape[-1]
+    xp = _pad_last(x.float(), BLOCK)
+    tiles = xp.view(*xp.shape[:-1], -1, BLOCK)
+    scale = compute_scale(tiles.abs().amax(dim=-1), pow2=True, fmt_max=E5M6_MAX)
+    v = _round_e5m6((tiles / scale.unsqueeze(-1)).contiguous()).view(xp.shape)[..., :K]
+    codes = (v.half().view(torch.int16).to(torch.int32) >> 4) & 0xFFF
+    codes = _pad_last(codes, 2)
+    lo, hi = codes[..., 0::2], codes[..., 1::2]
+    packed = torch.stack([lo & 0xFF, (lo >> 8) | ((hi & 0xF) << 4), hi >> 4], dim=-1)
+    return packed.flatten(-2).to(torch.uint8), scale
+
+
+def dequantize_e5m6(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `quantize_e5m6` for a last dim of size k: fp32 [..., k]."""
+    b = packed.view(*packed.shape[:-1], -1, 3).to(torch.int32)
+    lo = b[..., 0] | ((b[..., 1] & 0xF) << 8)
+    hi = (b[..., 1] >> 4) | (b[..., 2] << 4)
+    half_bits = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :k] << 4
+    half_bits = torch.where(half_bits >= 0x8000, half_bits - 0x10000, half_bits)
+    v = half_bits.to(torch.int16).view(torch.float16).float()
+    return v * scale.repeat_interleave(BLOCK, dim=-1)[..., :k]

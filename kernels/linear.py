@@ -1,0 +1,133 @@
+"""FP8 Linear and grouped SwiGLU experts as autograd functions (DeepSeek-V3 section 3.3).
+
+All three GEMMs of a linear run on E4M3 operands with fine-grained scales:
+  Fprop  y  = x · Wᵀ      x per 1x128 tile, W per 128x128 block
+  Dgrad  dx = dy · W      dy per 1x128 tile, W (same blocks, read transposed)
+  Wgrad  dW = dyᵀ · x     dy and x per 128x1 tile (128 tokens of one channel), fp32 result
+The input is cached for backward in FP8 (its 1x128 form, re-quantized to 128x1 in backward), or in
+E5M6 for the linear after attention. The experts cache their input and the SwiGLU input (gate and
+up projections) in FP8 and recompute the SwiGLU output in backward. Weight gradients are fp32;
+weights are re-quantized in backward from the (master) weights rather than cached.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x · Wᵀ with the FP8 recipe; x [..., K], weight [N, K] (no bias)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pow2: bool, e5m6_cache: bool) -> torch.Tensor:
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        xq, xs = ops.quantize_1x128(x2, pow2)
+        wq, ws = ops.quantize_128x128(weight, pow2)
+        y = ops.fp8_gemm(xq, xs, wq, ws, _out_dtype(x))
+        if e5m6_cache:
+            xq, xs = ops.quantize_e5m6(x2)
+        ctx.save_for_backward(xq, xs, weight)
+        ctx.pow2, ctx.e5m6, ctx.x_meta = pow2, e5m6_cache, (x.shape, x.dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, weight = ctx.saved_tensors
+        x_shape, x_dtype = ctx.x_meta
+        pow2 = ctx.pow2
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            wq, ws = ops.quantize_128x128(weight, pow2)
+            dyq, dys = ops.quantize_1x128(dy2, pow2)
+            dx = ops.fp8_gemm(dyq, dys, wq.t(), ws.t(), x_dtype).view(x_shape)
+        if ctx.needs_input_grad[1]:
+            dyt, dyts = ops.quantize_128x1(dy2, pow2)
+            if ctx.e5m6:
+                xt, xts = ops.quantize_128x1(ops.dequantize_e5m6(xq, xs, x_shape[-1]), pow2)
+            else:
+                xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs)
+            dw = ops.fp8_gemm(dyt, dyts, xt, xts, torch.float32)
+        return dx, dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, pow2: bool = False, e5m6_cache: bool = False) -> torch.Tensor:
+    """x · weightᵀ in FP8 (Fprop, Dgrad, Wgrad); the input cached in FP8, or E5M6 when `e5m6_cache`."""
+    return FP8LinearFunction.apply(x, weight, pow2, e5m6_cache)
+
+
+def _silu_grad(g: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(g)
+    return s * (1 + g * (1 - s))
+
+
+class FP8SwiGLUExpertsFunction(torch.autograd.Function):
+    """Grouped SwiGLU experts down(silu(gate(x)) * up(x)) over rows sorted by expert, in FP8."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                counts: Sequence[int], pow2: bool) -> torch.Tensor:
+        out_dtype = _out_dtype(x)
+        xq, xs = ops.quantize_1x128(x, pow2)
+        gq, gs = ops.quantize_128x128(w_gate, pow2)
+        uq, us = ops.quantize_128x128(w_up, pow2)
+        dq, ds = ops.quantize_128x128(w_down, pow2)
+        g = ops.fp8_gemm_grouped_m(xq, xs, gq, gs, counts, out_dtype)
+        u = ops.fp8_gemm_grouped_m(xq, xs, uq, us, counts, out_dtype)
+        hq, hs = ops.quantize_1x128(F.silu(g.float()) * u.float(), pow2)
+        y = ops.fp8_gemm_grouped_m(hq, hs, dq, ds, counts, out_dtype)
+        guq, gus = ops.quantize_1x128(torch.cat([g, u], dim=-1), pow2)
+        ctx.save_for_backward(xq, xs, guq, gus, w_gate, w_up, w_down)
+        ctx.counts, ctx.pow2, ctx.x_dtype = list(counts), pow2, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, guq, gus, w_gate, w_up, w_down = ctx.saved_tensors
+        counts, pow2 = ctx.counts, ctx.pow2
+        g, u = ops.dequantize(guq, gus).chunk(2, dim=-1)
+        silu_g = F.silu(g)
+        h = silu_g * u
+        dyq, dys = ops.quantize_1x128(dy, pow2)
+        dq, ds = ops.quantize_128x128(w_down, pow2)
+        dh = ops.fp8_gemm_grouped_m(dyq, dys, dq.transpose(1, 2), ds.transpose(1, 2), counts, torch.float32)
+        dyt, dyts = ops.quantize_128x1(dy, pow2, counts=counts)
+        ht, hts = ops.quantize_128x1(h, pow2, counts=counts)
+        dw_down = ops.fp8_gemm_grouped_k(dyt, dyts, ht, hts, counts)
+        dg = dh * u * _silu_grad(g)
+        du = dh * silu_g
+        xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
+        dx = None
+        grads = []
+        for d, w in ((dg, w_gate), (du, w_up)):
+            if ctx.needs_input_grad[0]:
+                wq, ws = ops.quantize_128x128(w, pow2)
+                dq_, ds_ = ops.quantize_1x128(d, pow2)
+                part = ops.fp8_gemm_grouped_m(dq_, ds_, wq.transpose(1, 2), ws.transpose(1, 2), counts, torch.float32)
+                dx = part if dx is None else dx + part
+            dt, dts = ops.quantize_128x1(d, pow2, counts=counts)
+            grads.append(ops.fp8_gemm_grouped_k(dt, dts, xt, xts, counts))
+        if dx is not None:
+            dx = dx.to(ctx.x_dtype)
+        return dx, grads[0], grads[1], dw_down, None, None
+
+
+def fp8_swiglu_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                       counts: Sequence[int], pow2: bool = False) -> torch.Tensor:
+    """Experts' SwiGLU on x [T, D] (rows sorted by expert, counts[e] rows for expert e) in FP8.
+
+    w_gate, w_up [E, I, D], w_down [E, D, I]. Returns [T, D] in x's dtype (the autocast dtype under
+    autocast). Gradients of the weights are fp32.
+    """
+    return FP8SwiGLUExpertsFunction.apply(x, w_gate, w_up, w_down, [int(c) for c in counts], pow2)

@@ -1,0 +1,102 @@
+"""The wire under expert parallelism: uneven all-to-all of rows, FP8 row payloads, byte accounting.
+
+DeepSeek-V3 section 3.2.2 (communication kernels of cross-node all-to-all) and 3.3.1 (the dispatch
+payload is FP8 with fine-grained scales, the combine stays BF16). Everything that crosses processes
+in `parallel/dispatch_*.py` goes through `all_to_all_rows`: one `all_to_all_single` with uneven split
+sizes over the EP group (gloo and NCCL both accept zero-size splits, so a hop that only talks to some
+peers sends nothing to the others).
+
+FP8 payload: each row is quantized per 1x128 tile to e4m3 with an fp32 scale (max(amax, 1e-4)/448,
+the recipe of section 3.3.2) and travels as *one* uint8 row: the e4m3 bytes (row padded to a
+multiple of 128) followed by the bytes of its scales. gloo has no fp8 dtype, so uint8 views carry it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+FP8_TILE = 128
+FP8_MAX = 448.0
+FP8_MIN_AMAX = 1e-4
+
+
+def all_to_all_rows(x_RD: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
+                    group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Rows of x (grouped by destination rank, send_counts[r] rows for rank r) -> received rows by source."""
+    out = x_RD.new_empty((sum(recv_counts),) + tuple(x_RD.shape[1:]))
+    dist.all_to_all_single(out, x_RD.contiguous(), list(recv_counts), list(send_counts), group=group)
+    return out
+
+
+def exchange_counts(send_counts_P: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Tell every peer how many rows it will receive from us; returns how many we receive from each."""
+    recv = torch.empty_like(send_counts_P)
+    dist.all_to_all_single(recv, send_counts_P.contiguous(), group=group)
+    return recv
+
+
+def fp8_row_bytes(dim: int) -> int:
+    """Bytes of one FP8 payload row: e4m3 values padded to 128, plus one fp32 scale per 128."""
+    n_tiles = -(-dim // FP8_TILE)
+    return n_tiles * FP8_TILE + 4 * n_tiles
+
+
+def quantize_rows_fp8(x_RD: torch.Tensor) -> torch.Tensor:
+    """Rows -> uint8 rows [R, fp8_row_bytes(D)]: per-1x128 e4m3 values then their fp32 scales."""
+    R, D = x_RD.shape
+    n_tiles = -(-D // FP8_TILE)
+    padded = torch.nn.functional.pad(x_RD.float(), (0, n_tiles * FP8_TILE - D)).view(R, n_tiles, FP8_TILE)
+    scale_RN = padded.abs().amax(dim=-1).clamp_min(FP8_MIN_AMAX) / FP8_MAX
+    q = (padded / scale_RN.unsqueeze(-1)).to(torch.float8_e4m3fn).view(R, n_tiles * FP8_TILE)
+    return torch.cat([q.view(torch.uint8), scale_RN.contiguous().view(torch.uint8).view(R, 4 * n_tiles)], 1)
+
+
+def dequantize_rows_fp8(packed_RB: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_rows_fp8`: uint8 rows -> [R, dim] in `dtype`."""
+    R = packed_RB.shape[0]
+    n_tiles = -(-dim // FP8_TILE)
+    q = packed_RB[:, : n_tiles * FP8_TILE].contiguous().view(torch.float8_e4m3fn)
+    scale_RN = packed_RB[:, n_tiles * FP8_TILE:].contiguous().view(torch.float32).view(R, n_tiles)
+    x = q.float().view(R, n_tiles, FP8_TILE) * scale_RN.unsqueeze(-1)
+    return x.view(R, n_tiles * FP8_TILE)[:, :dim].to(dtype)
+
+
+@dataclass
+class TrafficCounter:
+    """Bytes this rank *sends* in the forward pass, split by hop kind.
+
+    A byte is inter-node when the destination rank sits on another node (ranks are grouped into
+    nodes of `gpus_per_node` consecutive EP ranks; on CPU the nodes are simulated), intra-node when it
+    goes to another rank of the same node; rows a rank keeps for itself cost nothing. `payload` is the
+    hidden vectors (+ FP8 scales) of dispatch and the partial outputs of combine; `meta` is the routing
+    metadata (row counts, local expert ids, gate weights). The backward pass moves the same rows in the
+    opposite direction and is not counted again.
+    """
+
+    gpus_per_node: int
+    my_rank: int
+    bytes: Dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, counts_per_rank: Sequence[int], row_bytes: int) -> None:
+        """Account `counts_per_rank[r]` rows of `row_bytes` sent to EP rank r under `kind`."""
+        my_node = self.my_rank // self.gpus_per_node
+        for rank, count in enumerate(counts_per_rank):
+            if rank == self.my_rank or count == 0:
+                continue
+            where = "internode" if rank // self.gpus_per_node != my_node else "intranode"
+            key = f"{kind}_{where}"
+            self.bytes[key] = self.bytes.get(key, 0) + int(count) * row_bytes
+
+    def get(self, key: str) -> int:
+        return self.bytes.get(key, 0)
+
+    def reset(self) -> None:
+        self.bytes.clear()
+
+
+def counts_list(counts: torch.Tensor) -> List[int]:
+    """int64 counts tensor -> Python list (split sizes for all_to_all_single)."""
+    return [int(c) for c in counts.tolist()]

@@ -1,0 +1,123 @@
+"""Expert parallelism for a built Transformer: keep this rank's experts, reduce gradients, share load.
+
+DeepSeek-V3 section 3.2 (EP over nodes) and 2.1.2 (the bias update uses the expert load of the whole
+batch). Each EP rank keeps the contiguous slice [r * E/ep, (r + 1) * E/ep) of every MoE layer's routed
+experts and hands tokens to a distributed dispatcher (`parallel/dispatch.py`); everything else
+(attention, router, shared expert, dense layers, embedding, head) stays replicated.
+
+Gradient averaging. Every rank of dp x ep sees its own micro-batch and the loss of a step is the mean
+of the dp * ep per-rank losses. A dense gradient is therefore the mean over dp x ep. An expert's
+gradient already holds, thanks to the all-to-all, the contributions of all ep ranks' tokens, so it is
+*summed* over the dp replicas that hold the same expert and divided by dp * ep (a plain mean over dp
+would count the ep ranks' tokens ep times too much).
+
+Checkpoints. Expert tensors (and their optimizer state) are saved as DTensors sharded on dim 0 over
+the EP mesh dimension: DCP records each rank's chunk with its global offset in a tensor of global
+shape [E, ...], so the same checkpoint loads with any ep (a plain tensor when ep=1 reads the whole
+thing, a DTensor with another ep reads its own slice) and the HF export sees every expert.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from model.moe import GroupedExperts
+from model.transformer import Transformer
+
+from .mesh import ParallelLayout
+
+EXPERT_KEY = ".mlp.experts."
+
+
+def is_expert_param(name: str) -> bool:
+    """Routed-expert tensors (`layers.<i>.mlp.experts.*`, also inside MTP blocks); shared experts are dense."""
+    return EXPERT_KEY in name
+
+
+@torch.no_grad()
+def shard_experts(model: Transformer, ep_rank: int, ep: int, dispatcher: Callable) -> Transformer:
+    """Replace every MoE's experts by this rank's slice (weights copied) and install `dispatcher`."""
+    for moe in model.moe_layers():
+        full = moe.experts
+        if full.num_experts % ep:
+            raise ValueError(f"model.n_routed_experts ({full.num_experts}) must be divisible by parallel.ep ({ep})")
+        per_rank = full.num_experts // ep
+        rows = slice(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+        local = GroupedExperts(per_rank, full.dim, full.inter_dim).to(full.gate_up_proj.device,
+                                                                        full.gate_up_proj.dtype)
+        local.gate_up_proj.copy_(full.gate_up_proj[rows])
+        local.down_proj.copy_(full.down_proj[rows])
+        moe.experts = local
+        moe.dispatcher = dispatcher
+    return model
+
+
+def apply_expert_parallel(model: Transformer, layout: ParallelLayout, dispatcher: Callable) -> Transformer:
+    """`shard_experts` with this process's EP coordinates (a no-op apart from the dispatcher when ep=1)."""
+    if layout.ep == 1:
+        return model
+    return shard_experts(model, layout.ep_rank, layout.ep, dispatcher)
+
+
+@torch.no_grad()
+def global_expert_load(model: Transformer, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Per-layer expert load [n_moe_layers, E] summed over the ranks of `group` (the dense-grad group:
+    every rank that routes its own tokens), for `model.update_router_bias(gamma, load)`."""
+    load = model.expert_load().clone()
+    if group is not None and load.numel():
+        dist.all_reduce(load, group=group)
+    return load
+
+
+def _all_reduce_flat(grads: List[torch.Tensor], group: Optional[dist.ProcessGroup], scale: float) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@torch.no_grad()
+def reduce_gradients(named_params: Iterable, layout: ParallelLayout) -> None:
+    """Average gradients as explained in the module docstring: dense over dp x ep, experts over dp
+    (summed, then / (dp * ep)). Missing gradients are treated as zeros so every rank joins."""
+    dense, expert = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (expert if is_expert_param(name) else dense).append(p.grad)
+    replicas = layout.dp * layout.ep
+    _all_reduce_flat(dense, layout.dense_grad_group, 1.0 / replicas)
+    _all_reduce_flat(expert, layout.expert_grad_group, 1.0 / replicas)
+
+
+def shard_expert_state(state: Dict[str, Any], layout: ParallelLayout,
+                       is_expert: Callable[[str], bool] = is_expert_param) -> Dict[str, Any]:
+    """Wrap the expert tensors of a (nested) state dict as DTensors Shard(0) over the EP mesh dim.
+
+    The DTensors share storage with the local tensors, so `dcp.load` into the result fills them in
+    place. Keys are matched with `is_expert` on the full dotted path. Unchanged when ep == 1.
+    """
+    if layout.ep == 1 or layout.mesh is None:
+        return state
+    from torch.distributed.tensor import DTensor, Shard
+
+    ep_mesh = layout.mesh["ep"]
+
+    def wrap(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: wrap(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and is_expert(path):
+            return DTensor.from_local(value, ep_mesh, [Shard(0)], run_check=False)
+        return value
+
+    return wrap(state, "")
+

@@ -1,0 +1,188 @@
+"""Pipeline parallelism for the Transformer: stage split + torch.distributed.pipelining schedules.
+
+DeepSeek-V3 section 3.2.1 (DualPipe) and section 2.2 (MTP shares the embedding and the output head
+with the main model, which the V-shaped placement keeps on one rank). `Pipeline` builds this rank's
+stages from a full `Transformer` (see `pipeline_stages` for the split and for how the MTP modules
+get their embeddings), wraps them in `PipelineStage`s with static shapes, and runs one optimizer
+step's micro-batches through the chosen schedule (`pipeline_schedules`).
+
+Loss: the last stage computes CE + lambda * mean MTP CE for each micro-batch and the schedule
+back-propagates it divided by the number of micro-batches, so gradients equal those of one
+process on the whole batch. The MoE balance loss needs nothing here: each MoE layer attaches it to
+its output (model/moe.py); call `set_balance_loss_weight(alpha / n_microbatches)` as with gradient
+accumulation. Router load, balance loss and MaxVio are read from this rank's MoE layers and
+combined over the pipeline group by the helpers below.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+
+from model.moe import MoE
+from model.transformer import Transformer, maxvio
+
+from .pipeline_schedules import SCHEDULE_CLASSES, check_microbatches
+from .pipeline_stages import V_SHAPED, LocalModel, StageModule, check_schedule, rank_stages, split_layers, stage_rank
+
+
+class _MicroBatchLoss:
+    """Loss function handed to the schedule: records (CE, MTP CE) and returns the scaled total."""
+
+    def __init__(self, n_microbatches: int, mtp_weight: float):
+        self.n_microbatches, self.mtp_weight = n_microbatches, mtp_weight
+        self.records: List[torch.Tensor] = []
+
+    def __call__(self, losses_2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.records.append(losses_2.detach())
+        return (losses_2[0] + self.mtp_weight * losses_2[1]) / self.n_microbatches
+
+
+class Pipeline:
+    """This rank's pipeline stages of `model` and the schedule that runs them.
+
+    Every rank of `pp_group` calls `step(tokens_BT)` with the same tokens [n_microbatches * micro_batch,
+    seq_len + 1]; it returns the mean main and MTP losses on every pipeline rank. Shapes are static
+    (`micro_batch`, `seq_len`): the schedule allocates its receive buffers once.
+    """
+
+    def __init__(self, model: Transformer, *, pp_group: dist.ProcessGroup, schedule: str, n_microbatches: int,
+                 micro_batch: int, seq_len: int, stages_per_rank: Optional[int] = None,
+                 layers_per_stage: Optional[Sequence[int]] = None, mtp_weight: float = 0.3):
+        cfg = self.cfg = model.cfg
+        self.pp_group = pp_group
+        self.pp, self.pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+        self.schedule_name = schedule
+        spr = check_schedule(schedule, self.pp, stages_per_rank)
+        self.n_stages = self.pp * spr
+        check_microbatches(schedule, self.pp, spr, n_microbatches)
+        v_shaped = schedule in V_SHAPED
+        if cfg.tie_word_embeddings and not v_shaped:
+            raise ValueError(f"model.tie_word_embeddings=true needs the embedding and the head on one rank: use "
+                             f"parallel.schedule=zbv or dualpipev (got {schedule})")
+        self.layout = split_layers(cfg.num_hidden_layers, self.n_stages, layers_per_stage)
+        has_mtp = cfg.num_nextn_predict_layers > 0
+        self.n_microbatches, self.micro_batch, self.seq_len = n_microbatches, micro_batch, seq_len
+        self.stage_modules = [
+            StageModule(model, s, self.n_stages, self.layout[s], carry_embedding=has_mtp and not v_shaped,
+                        local_mtp_embedding=has_mtp and v_shaped)
+            for s in rank_stages(self.pp_rank, self.pp, self.n_stages, schedule)]
+        self.module = LocalModel(model, self.stage_modules)
+        weight = model.embed_tokens.weight
+        self.stages = []
+        for m in self.stage_modules:
+            inputs, outputs = m.io_shapes(micro_batch, seq_len, weight.dtype)
+            self.stages.append(PipelineStage(m, m.stage, self.n_stages, weight.device, input_args=inputs,
+                                             output_args=outputs, group=pp_group))
+        self._loss = _MicroBatchLoss(n_microbatches, mtp_weight)
+        cls = SCHEDULE_CLASSES[schedule]
+        self.schedule = cls(self.stages[0] if schedule == "1f1b" else self.stages, n_microbatches,
+                            loss_fn=self._loss, scale_grads=False)
+        self._last_rank = dist.get_global_rank(pp_group, stage_rank(self.n_stages - 1, self.pp, schedule))
+
+    @property
+    def mtp_weight(self) -> float:
+        return self._loss.mtp_weight
+
+    def set_mtp_weight(self, weight: float) -> None:
+        """lambda of the MTP loss (0.3 then 0.1 in DeepSeek-V3)."""
+        self._loss.mtp_weight = weight
+
+    def _split(self, tokens_BT: torch.Tensor):
+        want = (self.n_microbatches * self.micro_batch, self.seq_len + 1)
+        if tuple(tokens_BT.shape) != want:
+            raise ValueError(f"pipeline step expects tokens of shape {list(want)} (n_microbatches x micro_batch, "
+                             f"seq_len + 1), got {list(tokens_BT.shape)}")
+        return tokens_BT[:, :-1].contiguous(), tokens_BT[:, 1:].contiguous()
+
+    def step(self, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Forward and backward of all micro-batches; gradients accumulate in the parameters' .grad."""
+        inputs, labels = self._split(tokens_BT)
+        self._loss.records.clear()
+        self.schedule.step(inputs, target=labels, labels=labels, return_outputs=False)
+        return self._mean_losses()
+
+    @torch.no_grad()
+    def evaluate(self, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Forward only (no router load counted); the mean main and MTP losses on every pipeline rank."""
+        inputs, labels = self._split(tokens_BT)
+        self._loss.records.clear()
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            self.schedule.eval(inputs, target=labels, labels=labels, return_outputs=False)
+        finally:
+            self.module.train(was_training)
+        return self._mean_losses()
+
+    def _mean_losses(self) -> Dict[str, torch.Tensor]:
+        if self._loss.records:
+            mean = torch.stack(self._loss.records).mean(dim=0)
+        else:
+            mean = torch.zeros(2, dtype=torch.float32)
+        dist.broadcast(mean, src=self._last_rank, group=self.pp_group)
+        return {"loss": mean[0], "mtp_loss": mean[1]}
+
+    # ---- MoE statistics of this rank's layers -------------------------------------------------
+    def moe_layers(self) -> List[MoE]:
+        """This rank's MoE layers, main blocks in layer order, then the MTP blocks."""
+        return [m for m in self.module.modules() if isinstance(m, MoE)]
+
+    def moe_layer_ids(self) -> List[int]:
+        """Index of each local MoE layer in the full model's `moe_layers()` order (rows of its load)."""
+        cfg, ids = self.cfg, []
+        for key, block in self.module.layers.items():
+            if isinstance(block.mlp, MoE):
+                ids.append(int(key) - cfg.first_k_dense_replace)
+        if hasattr(self.module, "mtp"):
+            ids.extend(cfg.n_moe_layers + j for j, m in enumerate(self.module.mtp) if isinstance(m.block.mlp, MoE))
+        return ids
+
+    @torch.no_grad()
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert of this rank's MoE layers since the last bias update [L_local, E]."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0)
+        return torch.stack([m.gate.tokens_per_expert for m in layers])
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
+        """Auxiliary-loss-free bias update of this rank's routers (pass the load all-reduced over dp x ep)."""
+        for i, m in enumerate(self.moe_layers()):
+            m.gate.update_bias(gamma, None if load_LE is None else load_LE[i])
+
+    def set_balance_loss_weight(self, weight: float) -> None:
+        """Gradient weight of the sequence balance loss (alpha / n_microbatches)."""
+        for m in self.moe_layers():
+            m.aux_loss_weight = weight
+
+    def balance_loss(self) -> torch.Tensor:
+        """Sum over all MoE layers of the whole model (all pipeline ranks) of the last balance loss."""
+        layers = self.moe_layers()
+        local = torch.stack([m.last_balance_loss for m in layers]).sum() if layers else torch.zeros(())
+        total = local.detach().float().reshape(1).clone()
+        dist.all_reduce(total, group=self.pp_group)
+        return total[0]
+
+    def maxvio(self, load_LE: torch.Tensor) -> float:
+        """MaxVio over the MoE layers of all pipeline ranks (max of each rank's local MaxVio)."""
+        value = torch.tensor([maxvio(load_LE) if load_LE.numel() else float("-inf")])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.pp_group)
+        return float(value[0]) if torch.isfinite(value[0]) else 0.0
+
+    # ---- parameters under their original names ----------------------------------------------
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """This rank's part of the model's state dict, under the Transformer's own names."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True):
+        return self.module.load_state_dict(state, strict=strict)

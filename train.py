@@ -1,0 +1,112 @@
+"""Pretrain a DeepSeek-V3-style MoE model.
+
+    python train.py [key=value ...]
+    torchrun --nproc_per_node=N train.py [key=value ...]
+
+With no arguments: the `tiny` model on the built-in corpus (Python's standard library), a few
+minutes on a laptop CPU, on the GPU when there is one. Overrides use Hydra's syntax and the typed
+schema of `training/config.py`, e.g. `model=small precision=fp32 train.steps=2000 out_dir=runs/a
+data=shards data.train_dir=... logging.wandb.mode=offline`. `--cfg` prints the composed config.
+
+`out_dir` receives config.yaml (resolved), metrics.jsonl, checkpoints/step_<N>/, wandb/ and
+tokenizer/; running the same command again resumes from the newest complete checkpoint.
+Exit status: 0 done (or stopped by SIGTERM/SIGINT after saving), 1 training failed, 2 bad config.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from training.config import ConfigError, compose_job, data_parallel_size, resolve_path, validate
+
+
+def one_line(err: BaseException) -> str:
+    """A config error as one line: Hydra's message, its cause, and the available options if listed."""
+    text = str(err).split("Config search path:")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0].rstrip(".") if lines else type(err).__name__
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        message += f": {str(cause).strip().splitlines()[0]}"
+    elif len(lines) > 1 and lines[1].startswith("Available options"):
+        message += f"; {lines[1].rstrip(':').lower()}: {', '.join(lines[2:])}"
+    elif len(lines) > 1 and not lines[1].startswith("See "):
+        message += f": {lines[1]}"
+    return message
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = compose_job([a for a in args if a != "--cfg"])
+        mcfg = validate(cfg, world)
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        print(f"train.py: config error: {one_line(err)}", file=sys.stderr)
+        return 2
+    if "--cfg" in args:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+
+    from training.distributed import init_distributed
+    from training.inputs import prepare_inputs
+    from training.loop import Trainer, TrainingError
+
+    start = time.perf_counter()
+    dist = None
+    try:
+        dist = init_distributed(cfg.train.device)
+        inputs = prepare_inputs(cfg, mcfg)
+        out_dir = resolve_path(cfg.out_dir, Path.cwd())
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            inputs.tokenizer.save(out_dir / "tokenizer")
+        dist.barrier()
+        trainer = Trainer(cfg, mcfg, dist, inputs)
+        resumed = trainer.resume()
+        if dist.is_main:
+            print(banner(cfg, trainer, dist.world, resumed), flush=True)
+        last = trainer.run()
+        if dist.is_main and "val_loss" in last:
+            print(f"done: step {last['step']}, val_loss {last['val_loss']:.4f}, val_bpb {last['val_bpb']:.4f}, "
+                  f"{time.perf_counter() - start:.0f} s in this process", flush=True)
+    except ConfigError as err:
+        print(f"train.py: config error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if dist is not None:
+            dist.shutdown()
+    return 0
+
+
+def banner(cfg, trainer, world: int, resumed) -> str:
+    """Two lines saying what runs where, and from which checkpoint it resumed."""
+    t = cfg.train
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    dp = data_parallel_size(cfg, world)
+    accum = t.global_batch // (t.micro_batch * dp)
+    text = (f"train.py: {n_params / 1e6:.2f}M parameters, {trainer.dist.device}, precision={cfg.precision.name}, "
+            f"world {world} (dp {dp}), batch {t.global_batch} x {t.seq_len} tokens (micro {t.micro_batch}, "
+            f"accumulation {accum}), {t.steps} steps = {trainer.schedules.total_tokens / 1e6:.2f}M tokens, "
+            f"out_dir={trainer.out_dir}")
+    if resumed is not None:
+        text += f"\ntrain.py: resumed from {resumed} (step {trainer.progress.step})"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Structured configuration of a training job: dataclasses registered in Hydra's ConfigStore.
+
+`configs/train.yaml` starts from the `job_schema` node defined here, so every group file and every
+command-line override is merged into a typed node: a misspelt key (`train.stepz=3`) or a wrong type
+fails at composition. `validate` then checks the settings that depend on each other (batch sizes vs
+data-parallel size, seq_len vs max_position_embeddings, parallel layout, schedule fractions) before
+anything is computed or written, raising `ConfigError` with a message naming the settings.
+
+The optimizer and schedule defaults follow DeepSeek-V3 section 4.2: AdamW (0.9, 0.95), weight decay
+0.1, clip 1.0; the learning rate warms up, stays constant until 10T of 14.8T tokens (0.676), decays
+by cosine to 0.1x until 14.3T (0.966), stays there until 14.633T (0.989) and ends at 1/30 of the peak;
+MTP weight 0.3 then 0.1 after 10T tokens; bias update speed 0.001 then 0 for the last 500B tokens.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from model.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO_ROOT = CONFIG_DIR.parent
+PRECISIONS = ("bf16", "fp8", "fp32")
+DISPATCHERS = ("flat", "hierarchical")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DATA_KINDS = ("stdlib", "shards")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting (or a combination of settings) that cannot run; the message names them."""
+
+
+@dataclass
+class PrecisionConfig:
+    """`precision=bf16|fp8|fp32`: bf16 autocast, FP8 GEMMs (model.fp8), or plain fp32."""
+    name: str = "bf16"
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout: world = pp x dp x ep; dp is derived from the world size when left null."""
+    pp: int = 1
+    dp: Optional[int] = None
+    ep: int = 1
+    gpus_per_node: int = 8
+    dispatcher: str = "flat"
+    schedule: str = "1f1b"
+    stages_per_rank: int = 1
+
+
+@dataclass
+class DataConfig:
+    """`data=stdlib` (built-in corpus, prepared under cache_dir) or `data=shards` (prepared shards)."""
+    name: str = "stdlib"
+    cache_dir: str = "${cache_dir}/data"
+    train_dir: Optional[str] = None
+    val_dir: Optional[str] = None
+    tokenizer: Optional[str] = None
+    val_fraction: float = 0.05
+    fim_rate: float = 0.1
+    split_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with fp32 master weights and `moments_dtype` moments; LR schedule as fractions of tokens."""
+    lr: float = 2.2e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+    moments_dtype: str = "bf16"
+    warmup_frac: float = 0.01
+    decay_start_frac: float = 0.676
+    decay_end_frac: float = 0.966
+    min_lr_ratio: float = 0.1
+    final_start_frac: float = 0.989
+    final_lr_ratio: float = 0.0333
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch shape and the token-based schedules of the MTP weight and bias update speed.
+
+    `peak_tflops` (per device) is the MFU denominator; null means 989 (H100 bf16 dense) on CUDA and,
+    on CPU, the matmul throughput measured on a 2-core x86 machine: 0.45 TFLOP/s per thread in bf16,
+    0.1 in fp32.
+    """
+    steps: int = 1000
+    seq_len: int = 256
+    global_batch: int = 16
+    micro_batch: int = 16
+    batch_ramp_start: int = 0
+    batch_ramp_frac: float = 0.0
+    mtp_lambda: float = 0.3
+    mtp_lambda_tail: float = 0.1
+    mtp_lambda_switch_frac: float = 0.676
+    bias_gamma: float = 0.001
+    bias_gamma_tail: float = 0.0
+    bias_gamma_switch_frac: float = 0.966
+    max_skipped_in_row: int = 5
+    peak_tflops: Optional[float] = None
+    device: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    """`mode=auto`: WANDB_MODE if set, else online when an API key is present, else offline."""
+    mode: str = "auto"
+    project: str = "moeforge"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Validation every `every` steps (0: only at the end) over `batches` batches of `batch_size`."""
+    every: int = 100
+    batches: int = 8
+    batch_size: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    """A checkpoint every `every` steps (0: only at the end and on SIGTERM/SIGINT); the newest `keep` kept."""
+    every: int = 100
+    keep: int = 2
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    out_dir: str = "outputs/train"
+    cache_dir: str = ".cache"
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+def compose_job(overrides: List[str]) -> DictConfig:
+    """Compose `configs/train.yaml` with command-line style overrides; Hydra errors propagate."""
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name="train"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """The validated ModelConfig of the job (ModelConfig raises ValueError naming the field)."""
+    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def resolve_path(path: str, base: Path) -> Path:
+    """`path` as given if absolute (or ~), else relative to `base`."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
+    """dp = world / (pp x ep), checked against `parallel.dp` when that is set."""
+    par = cfg.parallel
+    if par.pp < 1 or par.ep < 1:
+        raise ConfigError(f"parallel.pp ({par.pp}) and parallel.ep ({par.ep}) must be >= 1")
+    if world_size % (par.pp * par.ep):
+        raise ConfigError(f"world size {world_size} is not a multiple of parallel.pp x parallel.ep = "
+                          f"{par.pp} x {par.ep}")
+    dp = world_size // (par.pp * par.ep)
+    if par.dp is not None and par.dp != dp:
+        raise ConfigError(f"parallel.dp={par.dp} but world size {world_size} / (parallel.pp x parallel.ep = "
+                          f"{par.pp} x {par.ep}) gives dp={dp}; leave parallel.dp=null to derive it")
+    return dp
+
+
+def _check_choice(value: str, allowed: tuple, name: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _check_parallel(cfg: DictConfig, world_size: int, mcfg: ModelConfig) -> None:
+    par = cfg.parallel
+    _check_choice(par.dispatcher, DISPATCHERS, "parallel.dispatcher")
+    _check_choice(par.schedule, SCHEDULES, "parallel.schedule")
+    if min(par.pp, par.ep, par.gpus_per_node, par.stages_per_rank) < 1:
+        raise ConfigError(f"parallel.pp ({par.pp}), parallel.ep ({par.ep}), parallel.gpus_per_node "
+                          f"({par.gpus_per_node}) and parallel.stages_per_rank ({par.stages_per_rank}) must be >= 1")
+    if par.schedule in ("zbv", "dualpipev") and par.stages_per_rank != 2:
+        raise ConfigError(f"parallel.schedule={par.schedule} places exactly 2 stages per rank; "
+                          f"set parallel.stages_per_rank=2 (got {par.stages_per_rank})")
+    if mcfg.n_routed_experts % par.ep:
+        raise ConfigError(f"model.n_routed_experts ({mcfg.n_routed_experts}) must be divisible by "
+                          f"parallel.ep ({par.ep})")
+    if par.pp > 1:
+        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not yet supported by train.py; "
+                          f"use parallel.pp=1")
+    if par.ep > 1:
+        raise ConfigError(f"parallel.ep={par.ep}: expert parallelism is not yet supported by train.py; "
+                          f"use parallel.ep=1")
+    data_parallel_size(cfg, world_size)
+
+
+def _check_train(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
+    t = cfg.train
+    for name in ("steps", "seq_len", "global_batch", "micro_batch", "max_skipped_in_row"):
+        if t[name] < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {t[name]}")
+    if t.seq_len > mcfg.max_position_embeddings:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
+                          f"({mcfg.max_position_embeddings})")
+    if t.seq_len <= mcfg.num_nextn_predict_layers:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) must exceed model.num_nextn_predict_layers "
+                          f"({mcfg.num_nextn_predict_layers})")
+    unit = t.micro_batch * dp
+    if t.global_batch % unit:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
+                          f"data-parallel size = {t.micro_batch} x {dp} = {unit}")
+    if t.batch_ramp_start and not unit <= t.batch_ramp_start <= t.global_batch:
+        raise ConfigError(f"train.batch_ramp_start ({t.batch_ramp_start}) must be 0 (no ramp) or between "
+                          f"train.micro_batch x dp = {unit} and train.global_batch ({t.global_batch})")
+    for name in ("batch_ramp_frac", "mtp_lambda_switch_frac", "bias_gamma_switch_frac"):
+        if not 0.0 <= t[name] <= 1.0:
+            raise ConfigError(f"train.{name} must be in [0, 1], got {t[name]}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops must be > 0 or null, got {t.peak_tflops}")
+    _check_choice(t.device, DEVICES, "train.device")
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    o = cfg.optim
+    if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError(f"optim.lr ({o.lr}) and optim.eps ({o.eps}) must be > 0, optim.weight_decay "
+                          f"({o.weight_decay}) and optim.grad_clip ({o.grad_clip}) >= 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ConfigError(f"optim.beta1 ({o.beta1}) and optim.beta2 ({o.beta2}) must be in [0, 1)")
+    _check_choice(o.moments_dtype, ("bf16", "fp32"), "optim.moments_dtype")
+    names = ("warmup_frac", "decay_start_frac", "decay_end_frac", "final_start_frac")
+    values = [o[n] for n in names]
+    if not all(0.0 <= v <= 1.0 for v in values) or values != sorted(values):
+        raise ConfigError("optim." + " <= optim.".join(names) + f" must be ordered within [0, 1], got {values}")
+    if not (0 <= o.final_lr_ratio and 0 <= o.min_lr_ratio):
+        raise ConfigError(f"optim.min_lr_ratio ({o.min_lr_ratio}) and optim.final_lr_ratio "
+                          f"({o.final_lr_ratio}) must be >= 0")
+
+
+def _check_io(cfg: DictConfig) -> None:
+    if cfg.logging.every < 1:
+        raise ConfigError(f"logging.every must be >= 1, got {cfg.logging.every}")
+    _check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
+    if cfg.eval.every < 0 or cfg.eval.batches < 1 or cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.every ({cfg.eval.every}) must be >= 0, eval.batches ({cfg.eval.batches}) "
+                          f"and eval.batch_size ({cfg.eval.batch_size}) >= 1")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0 and checkpoint.keep "
+                          f"({cfg.checkpoint.keep}) >= 1")
+    d = cfg.data
+    _check_choice(d.name, DATA_KINDS, "data.name")
+    if not (0 <= d.fim_rate <= 1 and 0 <= d.split_rate <= 1 and 0 < d.val_fraction < 1):
+        raise ConfigError(f"data.fim_rate ({d.fim_rate}) and data.split_rate ({d.split_rate}) must be in "
+                          f"[0, 1], data.val_fraction ({d.val_fraction}) in (0, 1)")
+    if d.name == "shards":
+        for key in ("train_dir", "val_dir", "tokenizer"):
+            if not d[key]:
+                raise ConfigError(f"data=shards needs data.{key}=<path>")
+            if not Path(d[key]).expanduser().exists():
+                raise ConfigError(f"data.{key}={d[key]} does not exist")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> ModelConfig:
+    """Check every setting and their combinations; returns the ModelConfig. Raises ConfigError."""
+    try:
+        mcfg = model_config(cfg)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+    _check_choice(cfg.precision.name, PRECISIONS, "precision")
+    if cfg.precision.name == "fp8" and importlib.util.find_spec("model.fp8") is None:
+        raise ConfigError("precision=fp8 needs model/fp8.py (apply_fp8), which this checkout does not have; "
+                          "use precision=bf16 or precision=fp32")
+    _check_parallel(cfg, world_size, mcfg)
+    _check_train(cfg, data_parallel_size(cfg, world_size), mcfg)
+    _check_optim(cfg)
+    _check_io(cfg)
+    return mcfg

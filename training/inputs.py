@@ -1,0 +1,47 @@
+"""The job's data: the built-in standard-library corpus or user-prepared shards, and their tokenizer.
+
+`data=stdlib` prepares (once, cached under `data.cache_dir`, relative paths taken from the
+repository root; torchrun ranks share one build) a tokenizer with the model's vocabulary size and
+train/val shards; `data=shards`
+takes `data.train_dir`, `data.val_dir` and `data.tokenizer` (relative to the working directory).
+The tokenizer's vocabulary must equal `model.vocab_size`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from model.config import ModelConfig
+
+from .config import REPO_ROOT, ConfigError, resolve_path
+
+
+@dataclass
+class Inputs:
+    train_dir: Path
+    val_dir: Path
+    tokenizer: object
+
+
+def prepare_inputs(cfg: DictConfig, mcfg: ModelConfig) -> Inputs:
+    """Locate (or build) the shards and load the tokenizer; checks the vocabulary size."""
+    from data.tokenizer import load_tokenizer
+
+    d = cfg.data
+    if d.name == "stdlib":
+        from data.builtin import stdlib_corpus
+
+        corpus = stdlib_corpus(resolve_path(d.cache_dir, REPO_ROOT), mcfg.vocab_size,
+                               val_fraction=d.val_fraction, seed=0)
+        train_dir, val_dir, tok_path = corpus.train_dir, corpus.val_dir, corpus.tokenizer_dir
+        where = f"the built-in corpus ({corpus.tokenizer_dir})"
+    else:
+        train_dir, val_dir, tok_path = (resolve_path(d[k], Path.cwd()) for k in ("train_dir", "val_dir", "tokenizer"))
+        where = f"data.tokenizer={d.tokenizer}"
+    tokenizer = load_tokenizer(tok_path)
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise ConfigError(f"model.vocab_size ({mcfg.vocab_size}) differs from the vocabulary of {where} "
+                          f"({tokenizer.vocab_size}); set model.vocab_size={tokenizer.vocab_size}")
+    return Inputs(train_dir=train_dir, val_dir=val_dir, tokenizer=tokenizer)

@@ -1,0 +1,234 @@
+"""The training loop: build everything from a validated config, resume, train, validate, checkpoint.
+
+Per step: take the global batch of the batch-size schedule (this rank's rows), split it into
+micro-batches, set LR / λ / γ from tokens seen, run `step.train_step`; then, when due, validation
+(`eval.every`), a metrics record (`logging.every`, every skipped step, every validation) and a
+checkpoint (`checkpoint.every`). SIGTERM / SIGINT finish the current step, save a checkpoint and
+return normally; `train.max_skipped_in_row` non-finite steps in a row save a checkpoint and raise
+`TrainingError`. Resume restores model, optimizer, counters, data position and RNG, so a resumed
+run repeats the uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from model.config import ModelConfig
+from model.flops import flops_per_token
+from model.transformer import Transformer
+
+from . import checkpoint
+from .config import data_parallel_size, resolve_path
+from .distributed import Dist
+from .inputs import Inputs
+from .metrics import MetricsLogger
+from .optim import AdamW, set_lr
+from .schedule import Schedules
+from .step import StepResult, train_step, validate
+
+CPU_TFLOPS_PER_THREAD = {"bf16": 0.45, "fp8": 0.45, "fp32": 0.1}
+CUDA_PEAK_TFLOPS = 989.0
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    skipped_in_row: int = 0
+    elapsed: float = 0.0
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag that the loop checks after each step; a second SIGINT interrupts."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast for bf16 and fp8 (FP8 GEMMs live inside the model), nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def peak_flops(cfg: DictConfig, device: torch.device) -> float:
+    """Per-device peak FLOP/s for MFU: train.peak_tflops, else H100 bf16 dense on CUDA, else the CPU figure."""
+    if cfg.train.peak_tflops is not None:
+        return cfg.train.peak_tflops * 1e12
+    if device.type == "cuda":
+        return CUDA_PEAK_TFLOPS * 1e12
+    return CPU_TFLOPS_PER_THREAD[cfg.precision.name] * torch.get_num_threads() * 1e12
+
+
+def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    if cfg.precision.name == "fp8":
+        importlib.import_module("model.fp8").apply_fp8(model)
+    return model.train()
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, mcfg: ModelConfig, dist: Dist, inputs: Inputs):
+        from data.dataset import PackedDataset, shard_stats
+
+        self.cfg, self.mcfg, self.dist, self.inputs = cfg, mcfg, dist, inputs
+        self.out_dir = resolve_path(cfg.out_dir, Path.cwd())
+        self.dp = data_parallel_size(cfg, dist.world)
+        self.model = build_model(cfg, mcfg, dist.device)
+        o = cfg.optim
+        self.optimizer = AdamW(self.model.named_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                               weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
+                               moments_dtype=o.moments_dtype)
+        self.schedules = Schedules(cfg.optim, cfg.train, cfg.train.micro_batch * self.dp)
+        self.dataset = PackedDataset(inputs.train_dir, cfg.train.seq_len, seed=cfg.seed,
+                                     tokenizer_info=inputs.tokenizer, fim_rate=cfg.data.fim_rate,
+                                     split_rate=cfg.data.split_rate, dp_rank=dist.rank, dp_world=self.dp)
+        self.bytes_per_token = shard_stats(inputs.val_dir)["bytes_per_token"]
+        self.autocast = autocast_for(cfg.precision.name, dist.device)
+        self.flops_per_token = flops_per_token(mcfg, cfg.train.seq_len)
+        self.peak = peak_flops(cfg, dist.device) * dist.world
+        self.progress = Progress()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _state(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def save(self) -> Path:
+        p = self.progress
+        train = {"step": torch.tensor(p.step), "tokens": torch.tensor(p.tokens),
+                 "skipped_steps": torch.tensor(p.skipped_steps), "skipped_in_row": torch.tensor(p.skipped_in_row),
+                 "elapsed": torch.tensor(p.elapsed, dtype=torch.float64), "rng_cpu": torch.get_rng_state(),
+                 "data": checkpoint.json_tensor(self.dataset.state_dict())}
+        if self.dist.device.type == "cuda":
+            train["rng_cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        meta = {**asdict(p), "lr": self.schedules.lr(p.tokens), "mtp_lambda": self.schedules.mtp_lambda(p.tokens),
+                "bias_gamma": self.schedules.bias_gamma(p.tokens), "data": self.dataset.state_dict()}
+        return checkpoint.save(self.out_dir, p.step, {**self._state(), "train": train}, self.mcfg.to_dict(),
+                               meta, self.cfg.checkpoint.keep)
+
+    def resume(self) -> Optional[Path]:
+        state = self._state()
+        found = checkpoint.load_latest(self.out_dir, state)
+        if found is None:
+            return None
+        path, train = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.progress = Progress(step=int(train["step"]), tokens=int(train["tokens"]),
+                                 skipped_steps=int(train["skipped_steps"]),
+                                 skipped_in_row=int(train["skipped_in_row"]), elapsed=float(train["elapsed"]))
+        self.dataset.load_state_dict(checkpoint.tensor_json(train["data"]))
+        torch.set_rng_state(train["rng_cpu"])
+        if "rng_cuda" in train and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(train["rng_cuda"], self.dist.device)
+        return path
+
+    # ----------------------------------------------------------------- one step
+    def _step(self) -> StepResult:
+        cfg, p, s = self.cfg, self.progress, self.schedules
+        batch = s.batch_size(p.tokens)
+        rows = self.dataset.next_batch(batch).to(self.dist.device)
+        set_lr(self.optimizer, s.lr(p.tokens + batch * cfg.train.seq_len))
+        result = train_step(self.model, self.optimizer, list(rows.split(cfg.train.micro_batch)),
+                            mtp_lambda=s.mtp_lambda(p.tokens), gamma=s.bias_gamma(p.tokens),
+                            alpha=self.mcfg.aux_loss_alpha, grad_clip=cfg.optim.grad_clip,
+                            autocast=self.autocast, dist=self.dist)
+        p.step += 1
+        p.tokens += batch * cfg.train.seq_len
+        p.skipped_steps += result.skipped
+        p.skipped_in_row = p.skipped_in_row + 1 if result.skipped else 0
+        return result
+
+    def _validate(self) -> Dict[str, float]:
+        from data.dataset import eval_batches
+
+        e = self.cfg.eval
+        batches = eval_batches(self.inputs.val_dir, self.cfg.train.seq_len, e.batch_size, max_batches=e.batches,
+                               eos_id=self.inputs.tokenizer.eos_id)
+        val_loss, val_bpb = validate(self.model, batches, self.bytes_per_token, autocast=self.autocast,
+                                     dist=self.dist)
+        return {"val_loss": val_loss, "val_bpb": val_bpb}
+
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        flag = torch.tensor([float(stop.signum is not None)], device=self.dist.device)
+        return bool(self.dist.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX).item())
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> Dict[str, Any]:
+        """Train to `train.steps` (or until stopped); returns the last metrics record."""
+        cfg, p, total = self.cfg, self.progress, self.cfg.train.steps
+        logger = MetricsLogger(self.out_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging.wandb,
+                               total, p.step, enabled=self.dist.is_main)
+        stop = StopSignal()
+        last: Dict[str, Any] = {}
+        window_tokens, window_time, window_steps = 0, 0.0, 0
+        try:
+            while p.step < total:
+                t0 = time.perf_counter()
+                tokens_before = p.tokens
+                result = self._step()
+                dt = time.perf_counter() - t0
+                window_tokens, window_time, window_steps = (window_tokens + p.tokens - tokens_before,
+                                                            window_time + dt, window_steps + 1)
+                record: Dict[str, Any] = {}
+                if (cfg.eval.every and p.step % cfg.eval.every == 0) or p.step == total:
+                    record.update(self._validate())
+                if record or result.skipped or p.step % cfg.logging.every == 0 or p.step == total:
+                    tokens_per_s = window_tokens / max(window_time, 1e-9)
+                    record = {"step": p.step, "tokens": p.tokens, "loss": result.loss, "mtp_loss": result.mtp_loss,
+                              "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
+                              "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak,
+                              "maxvio": result.maxvio, "time": p.elapsed + time.perf_counter() - t0,
+                              "skipped_steps": p.skipped_steps, "balance_loss": result.balance_loss,
+                              **record}
+                    if result.skipped:
+                        record["skipped"] = True
+                        logger.print(f"warning: step {p.step} skipped: loss {result.loss}, grad_norm "
+                                     f"{result.grad_norm} ({p.skipped_in_row} in a row)")
+                    logger.log(record, eta_s=(total - p.step) * window_time / window_steps)
+                    last = record
+                    window_tokens, window_time, window_steps = 0, 0.0, 0
+                p.elapsed += time.perf_counter() - t0
+                stopping = self._stop_requested(stop)
+                too_many = p.skipped_in_row >= cfg.train.max_skipped_in_row
+                if (cfg.checkpoint.every and p.step % cfg.checkpoint.every == 0) or p.step == total \
+                        or stopping or too_many:
+                    path = self.save()
+                    logger.print(f"checkpoint saved: {path}")
+                if too_many:
+                    raise TrainingError(f"stopped at step {p.step}: {p.skipped_in_row} steps in a row had a "
+                                        f"non-finite loss or gradient norm (train.max_skipped_in_row="
+                                        f"{cfg.train.max_skipped_in_row}); checkpoint saved in {self.out_dir}")
+                if stopping:
+                    logger.print(f"stopped by signal {stop.signum} after step {p.step}; resume by running "
+                                 f"the same command again")
+                    break
+        finally:
+            stop.restore()
+            logger.close()
+        return last

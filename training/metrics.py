@@ -1,0 +1,117 @@
+"""Training metrics: a console line, `out_dir/metrics.jsonl` and Weights & Biases.
+
+`metrics.jsonl` holds one JSON object per logged step (blueprint section 4: step, tokens, loss,
+mtp_loss, lr, grad_norm, tokens_per_s, mfu, maxvio, time, skipped_steps, balance_loss; val_loss and
+val_bpb on validation steps). On resume the records after the checkpoint's step are dropped so the
+file reads as one run. W&B runs under `out_dir/wandb`, resumes the same run id when the job is
+resumed, and gets the resolved config. Only rank 0 logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+CONSOLE_FIELDS = (("loss", "loss {:.4f}"), ("mtp_loss", "mtp {:.4f}"), ("lr", "lr {:.2e}"),
+                  ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                  ("mfu", "mfu {:.2%}"), ("maxvio", "maxvio {:.3f}"),
+                  ("val_loss", "val_loss {:.4f}"), ("val_bpb", "val_bpb {:.4f}"))
+
+
+def wandb_mode(requested: str) -> str:
+    """`auto` -> WANDB_MODE if set, else online with an API key (env or ~/.netrc), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def console_line(record: Dict[str, Any], total_steps: int, eta_s: Optional[float]) -> str:
+    """`step 120/300 | loss 4.1234 | ... | eta 1m23s` for the fields present in `record`."""
+    parts = [f"step {record['step']}/{total_steps}"]
+    for key, fmt in CONSOLE_FIELDS:
+        value = record.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value) and key == "mfu"):
+            parts.append(fmt.format(value))
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {record['skipped_steps']}")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Console + metrics.jsonl + W&B for rank 0; every method is a no-op on other ranks."""
+
+    def __init__(self, out_dir: Path, config: Dict[str, Any], wandb_cfg, total_steps: int,
+                 resume_step: int, enabled: bool):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.path = out_dir / "metrics.jsonl"
+        self.run = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        mode = wandb_mode(wandb_cfg.mode)
+        if mode != "disabled":
+            self.run = self._start_wandb(out_dir, config, wandb_cfg, mode)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only records up to `step` (those the resumed checkpoint has seen)."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    @staticmethod
+    def _start_wandb(out_dir: Path, config: Dict[str, Any], wandb_cfg, mode: str):
+        import wandb
+
+        wandb_dir = out_dir / "wandb"
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        id_file = wandb_dir / "run_id"
+        if not id_file.is_file():
+            id_file.write_text(secrets.token_hex(4))
+        return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                          tags=list(wandb_cfg.tags) or None, dir=str(out_dir), mode=mode, config=config,
+                          id=id_file.read_text().strip(), resume="allow",
+                          settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, record: Dict[str, Any], eta_s: Optional[float] = None, console: bool = True) -> None:
+        """Append `record` to metrics.jsonl, send it to W&B, and print a console line."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if console:
+            print(console_line(record, self.total_steps, eta_s), flush=True)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
