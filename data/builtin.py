@@ -2,9 +2,10 @@
 
 Every machine with Python has it, so `make train` needs no download. Files come from
 `sysconfig.get_paths()["stdlib"]`, leaving out site-packages/dist-packages, test directories and
-__pycache__, in sorted order up to `MAX_BYTES` (CPython 3.11 holds about 11 MB of such code, all of
-it under the cap). A file goes to validation when a hash of (seed, its relative path) falls below
-`val_fraction`, so the split is deterministic and does not move when other files change.
+__pycache__; beyond `MAX_BYTES` a subset is picked in hash order of the paths (CPython 3.11 holds
+about 11 MB of such code, under the 32 MB cap, so all of it is used). A file goes to validation
+when a hash of (seed, its relative path) falls below `val_fraction`, so the split is
+deterministic and does not move when other files change.
 
 On first use the BPE tokenizer is trained on the training split and both splits are prepared into
 `cache_dir/stdlib-v<vocab>-<key>/{tokenizer,train,val}`; the key hashes the file list (paths and
@@ -22,6 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                            "__pycache__"})
@@ -37,19 +39,22 @@ class BuiltinCorpus:
     tokenizer_dir: Path
 
 
-def stdlib_files(max_bytes: int = MAX_BYTES) -> tuple[Path, list[Path]]:
-    """(stdlib root, its .py files outside EXCLUDED_DIRS in sorted order, cut at max_bytes)."""
+def stdlib_files(max_bytes: Optional[int] = None) -> tuple[Path, list[Path]]:
+    """(stdlib root, its .py files outside EXCLUDED_DIRS, sorted): all of them, or a subset of
+    at most max_bytes (default MAX_BYTES) taken in hash order of their paths."""
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
     files, total = [], 0
-    for path in sorted(found):
+    for path in sorted(found, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()):
         total += path.stat().st_size
         if total > max_bytes:
             break
         files.append(path)
+    files.sort()
     if not files:
         raise FileNotFoundError(f"no .py files found under the standard library at {root}")
     return root, files
@@ -92,16 +97,19 @@ def _locked(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def stdlib_corpus(cache_dir: Path, vocab_size: int, val_fraction: float = 0.05, seed: int = 0) -> BuiltinCorpus:
+def stdlib_corpus(cache_dir: Path, vocab_size: int, val_fraction: float = 0.05, seed: int = 0,
+                  max_bytes: Optional[int] = None) -> BuiltinCorpus:
     """The standard-library corpus for `vocab_size`: trains and prepares it on first use (tokenizer
-    + train/val shards under cache_dir), reuses the cache afterwards."""
+    + train/val shards under cache_dir), reuses the cache afterwards. `max_bytes` caps the code
+    used (default MAX_BYTES)."""
     from data.prepare import prepare
     from data.tokenizer import train_tokenizer
 
-    root, files = stdlib_files()
+    root, files = stdlib_files(max_bytes)
     train, val = split_files(root, files, val_fraction, seed)
     listing = [[p.relative_to(root).as_posix(), p.stat().st_size] for p in files]
-    key = hashlib.sha256(json.dumps([FORMAT, sys.version, seed, val_fraction, listing]).encode()).hexdigest()[:12]
+    identity = json.dumps([FORMAT, sys.version, seed, val_fraction, listing]).encode()
+    key = hashlib.sha256(identity).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     home = cache_dir / f"stdlib-v{vocab_size}-{key}"
     corpus = BuiltinCorpus(home / "train", home / "val", home / "tokenizer")

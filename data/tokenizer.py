@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import unicodedata
+import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 from data.sources import iter_documents
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 FIM_BEGIN, FIM_HOLE, FIM_END = "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, FIM_BEGIN, FIM_HOLE, FIM_END)
+ROLES = ("bos", "eos", "pad", "fim_begin", "fim_hole", "fim_end")
 SP_UNK = "<|unk|>"
 KINDS = ("bpe", "sentencepiece")
 MIN_VOCAB = 300
@@ -44,32 +47,36 @@ SP_CHUNK_CHARS = 4000  # SentencePiece drops longer "sentences": feed documents 
 class Tokenizer:
     """A trained tokenizer of either kind with the special-token ids the data pipeline needs."""
 
-    def __init__(self, backend, kind: str, path: Optional[Path] = None):
+    def __init__(self, backend, kind: str, path: Optional[Path] = None, names: Optional[dict] = None):
+        """Wrap a `tokenizers.Tokenizer` (kind "bpe") or a `SentencePieceProcessor` ("sentencepiece").
+        `names` overrides special-token strings by role (bos, eos, pad, fim_begin, fim_hole, fim_end);
+        a BPE tokenizer lacking some gets them appended to its vocabulary (with a warning)."""
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(KINDS)}")
         self.kind = kind
         self.path = Path(path) if path is not None else None
         self._backend = backend
         self._split_table: Optional[dict[int, list[int]]] = None
+        self.names = dict(zip(ROLES, SPECIAL_TOKENS))
+        self.names.update(names or {})
         if kind == "bpe":
+            missing = [n for n in self.names.values() if backend.token_to_id(n) is None]
+            if missing:
+                backend.add_special_tokens(missing)
+                warnings.warn(f"tokenizer {path}: appended the missing special tokens {missing}")
             backend.encode_special_tokens = True
             self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-            lookup = backend.token_to_id
+            ids = {role: backend.token_to_id(n) for role, n in self.names.items()}
         else:
             self.vocab_size = backend.get_piece_size()
-
-            def lookup(piece):
-                i = backend.piece_to_id(piece)
-                return None if i == backend.unk_id() else i
-
-        ids = {name: lookup(name) for name in SPECIAL_TOKENS}
-        missing = [name for name, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"tokenizer {path or ''} lacks the special tokens {missing}; "
-                             f"train it with data.tokenizer (which adds {list(SPECIAL_TOKENS)})")
-        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
-        self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids[FIM_BEGIN], ids[FIM_HOLE], ids[FIM_END]
-        self.special_ids = {i: name for name, i in ids.items()}
+            ids = {role: backend.piece_to_id(n) for role, n in self.names.items()}
+            missing = [self.names[r] for r, i in ids.items() if i == backend.unk_id()]
+            if missing:
+                raise ValueError(f"SentencePiece model {path} lacks the special tokens {missing}; "
+                                 f"train it with data.tokenizer, which adds {list(SPECIAL_TOKENS)}")
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids["fim_begin"], ids["fim_hole"], ids["fim_end"]
+        self.special_ids = {i: self.names[role] for role, i in ids.items()}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added, special-token strings encoded as plain text."""
@@ -134,8 +141,9 @@ class Tokenizer:
         into `out_dir`, a directory a Hugging Face export can copy. Returns `out_dir`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                  "additional_special_tokens": [FIM_BEGIN, FIM_HOLE, FIM_END],
+        names = self.names
+        config = {"bos_token": names["bos"], "eos_token": names["eos"], "pad_token": names["pad"],
+                  "additional_special_tokens": [names["fim_begin"], names["fim_hole"], names["fim_end"]],
                   "add_bos_token": False, "add_eos_token": False,
                   "model_max_length": 1 << 30, "moeforge_kind": self.kind}
         if self.kind == "bpe":
@@ -228,16 +236,32 @@ def train_tokenizer(files, vocab_size: int, out_dir: Path, kind: str = "bpe",
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=SP_UNK, bos_piece=BOS,
             eos_piece=EOS, pad_piece=PAD, control_symbols=[FIM_BEGIN, FIM_HOLE, FIM_END],
             max_sentence_length=4 * SP_CHUNK_CHARS + 16, hard_vocab_limit=False,
-            num_threads=2, minloglevel=2)
+            num_threads=os.cpu_count() or 1, minloglevel=2)
         backend = spm.SentencePieceProcessor(model_proto=model.getvalue())
     tok = Tokenizer(backend, kind)
     tok.save(out_dir)
     return tok
 
 
+def _config_names(config_file: Path) -> dict:
+    """BOS/EOS/PAD strings named by a Hugging Face tokenizer_config.json, if there is one."""
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    names = {}
+    for role in ("bos", "eos", "pad"):
+        value = config.get(f"{role}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            names[role] = value
+    return names
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     """Load a tokenizer from a directory holding tokenizer.json or one *.model file, or from the
-    file itself. FileNotFoundError/ValueError naming the path otherwise."""
+    file itself (FileNotFoundError/ValueError naming the path otherwise). BOS/EOS/PAD follow a
+    tokenizer_config.json beside it; a tokenizer.json made elsewhere gets any missing special
+    tokens appended to its vocabulary."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path does not exist: {path}")
@@ -253,6 +277,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
                                     f"({[m.name for m in models]}); pass the file itself")
     else:
         file = path
+    names = _config_names(file.parent / "tokenizer_config.json")
     if file.suffix == ".json":
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -260,7 +285,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
             backend = HFTokenizer.from_file(str(file))
         except Exception as e:
             raise ValueError(f"{file} is not a valid tokenizers tokenizer.json: {e}") from None
-        return Tokenizer(backend, "bpe", path)
+        return Tokenizer(backend, "bpe", path, names)
     if file.suffix == ".model":
         import sentencepiece as spm
 
@@ -269,7 +294,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
             backend.load(str(file))
         except Exception as e:
             raise ValueError(f"{file} is not a valid SentencePiece model: {e}") from None
-        return Tokenizer(backend, "sentencepiece", path)
+        return Tokenizer(backend, "sentencepiece", path, names)
     raise ValueError(f"{file} is not a tokenizer file: expected tokenizer.json or a "
                      f"SentencePiece *.model, or a directory holding one")
 

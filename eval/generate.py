@@ -66,7 +66,7 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
                   device: Union[str, torch.device] = "cpu") -> Tuple[str, List[int]]:
     """Greedy text continuation of `prompt` cut before the first stop string, and the generated ids.
 
-    The prompt is left-truncated so that prompt + max_new_tokens fits in `context_length`.
+    Special tokens (EOS, padding, FIM markers) are left out of the text. The prompt is left-truncated so that prompt + max_new_tokens fits in `context_length`.
     """
     ids = list(tokenizer.encode(prompt)) if prompt else [prefix_token(tokenizer)]
     if context_length is not None:
@@ -76,10 +76,11 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
                              f"({context_length})")
         ids = ids[-room:]
     eos_id = getattr(tokenizer, "eos_id", None)
+    special = set(getattr(tokenizer, "special_ids", ())) | {eos_id}
     stop_strings = [s for s in stop_strings if s]
 
     def decode(gen: List[int]) -> str:
-        return tokenizer.decode([t for t in gen if t != eos_id])
+        return tokenizer.decode([t for t in gen if t not in special])
 
     def hit_stop(gen: List[int]) -> bool:
         return bool(stop_strings) and any(s in decode(gen) for s in stop_strings)

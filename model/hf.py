@@ -208,7 +208,9 @@ def import_hf(hf_dir: PathLike, checkpoint_dir: PathLike) -> Path:
         raise FileExistsError(f"checkpoint directory {checkpoint_dir} is not empty; give a new directory")
     model = load_hf_model(hf_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(checkpoint_dir), no_dist=True)
     (checkpoint_dir / "model_config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     copy_tokenizer_files(hf_dir, checkpoint_dir / "tokenizer")
     (checkpoint_dir / "meta.json").write_text(json.dumps({"step": 0, "source": str(hf_dir.resolve())}))

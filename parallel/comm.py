@@ -2,13 +2,13 @@
 
 DeepSeek-V3 section 3.2.2 (communication kernels of cross-node all-to-all) and 3.3.1 (the dispatch
 payload is FP8 with fine-grained scales, the combine stays BF16). Everything that crosses processes
-in `parallel/dispatch_*.py` goes through `all_to_all_rows`: one `all_to_all_single` with uneven split
+in `parallel/dispatch.py` goes through `all_to_all_rows`: one `all_to_all_single` with uneven split
 sizes over the EP group (gloo and NCCL both accept zero-size splits, so a hop that only talks to some
 peers sends nothing to the others).
 
 FP8 payload: each row is quantized per 1x128 tile to e4m3 with an fp32 scale (max(amax, 1e-4)/448,
-the recipe of section 3.3.2) and travels as *one* uint8 row: the e4m3 bytes (row padded to a
-multiple of 128) followed by the bytes of its scales. gloo has no fp8 dtype, so uint8 views carry it.
+section 3.3.2; `kernels.fp8.quantize_1x128` defines the numerics) and travels as *one* uint8 row: the
+e4m3 bytes followed by the bytes of its scales. gloo has no fp8 dtype, so uint8 views carry it.
 """
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-FP8_TILE = 128
-FP8_MAX = 448.0
-FP8_MIN_AMAX = 1e-4
+from kernels.fp8 import BLOCK, E4M3, cdiv, dequantize, quantize_1x128
 
 
 def all_to_all_rows(x_RD: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
@@ -39,29 +37,26 @@ def exchange_counts(send_counts_P: torch.Tensor, group: Optional[dist.ProcessGro
 
 
 def fp8_row_bytes(dim: int) -> int:
-    """Bytes of one FP8 payload row: e4m3 values padded to 128, plus one fp32 scale per 128."""
-    n_tiles = -(-dim // FP8_TILE)
-    return n_tiles * FP8_TILE + 4 * n_tiles
+    """Bytes of one FP8 payload row: one e4m3 byte per element plus one fp32 scale per 128 elements."""
+    return dim + 4 * cdiv(dim, BLOCK)
 
 
 def quantize_rows_fp8(x_RD: torch.Tensor) -> torch.Tensor:
-    """Rows -> uint8 rows [R, fp8_row_bytes(D)]: per-1x128 e4m3 values then their fp32 scales."""
+    """Rows -> uint8 rows [R, fp8_row_bytes(D)]: the e4m3 values (kernels.fp8.quantize_1x128) then the
+    bytes of their fp32 scales."""
     R, D = x_RD.shape
-    n_tiles = -(-D // FP8_TILE)
-    padded = torch.nn.functional.pad(x_RD.float(), (0, n_tiles * FP8_TILE - D)).view(R, n_tiles, FP8_TILE)
-    scale_RN = padded.abs().amax(dim=-1).clamp_min(FP8_MIN_AMAX) / FP8_MAX
-    q = (padded / scale_RN.unsqueeze(-1)).to(torch.float8_e4m3fn).view(R, n_tiles * FP8_TILE)
-    return torch.cat([q.view(torch.uint8), scale_RN.contiguous().view(torch.uint8).view(R, 4 * n_tiles)], 1)
+    if R == 0:
+        return torch.empty(0, fp8_row_bytes(D), dtype=torch.uint8, device=x_RD.device)
+    q_RD, scale_RN = quantize_1x128(x_RD)
+    return torch.cat([q_RD.view(torch.uint8), scale_RN.contiguous().view(torch.uint8).view(R, -1)], dim=1)
 
 
 def dequantize_rows_fp8(packed_RB: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize_rows_fp8`: uint8 rows -> [R, dim] in `dtype`."""
     R = packed_RB.shape[0]
-    n_tiles = -(-dim // FP8_TILE)
-    q = packed_RB[:, : n_tiles * FP8_TILE].contiguous().view(torch.float8_e4m3fn)
-    scale_RN = packed_RB[:, n_tiles * FP8_TILE:].contiguous().view(torch.float32).view(R, n_tiles)
-    x = q.float().view(R, n_tiles, FP8_TILE) * scale_RN.unsqueeze(-1)
-    return x.view(R, n_tiles * FP8_TILE)[:, :dim].to(dtype)
+    q_RD = packed_RB[:, :dim].contiguous().view(E4M3)
+    scale_RN = packed_RB[:, dim:].contiguous().view(torch.float32).view(R, cdiv(dim, BLOCK))
+    return dequantize(q_RD, scale_RN, dtype)
 
 
 @dataclass

@@ -71,6 +71,7 @@ class Pipeline:
             for s in rank_stages(self.pp_rank, self.pp, self.n_stages, schedule)]
         self.module = LocalModel(model, self.stage_modules)
         weight = model.embed_tokens.weight
+        self.module_dtype, self.device = weight.dtype, weight.device
         self.stages = []
         for m in self.stage_modules:
             inputs, outputs = m.io_shapes(micro_batch, seq_len, weight.dtype)
@@ -106,16 +107,46 @@ class Pipeline:
 
     @torch.no_grad()
     def evaluate(self, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Forward only (no router load counted); the mean main and MTP losses on every pipeline rank."""
+        """Forward only (no router load counted); the mean main and MTP losses on every pipeline rank.
+
+        Runs the stages in order with plain send/recv, one micro-batch after the other: torch's
+        runtime schedules (zbv, dualpipev) cannot run forward-only (`schedule.eval` still executes
+        their backward actions), and evaluation is rare enough not to need overlap.
+        """
         inputs, labels = self._split(tokens_BT)
         self._loss.records.clear()
         was_training = self.module.training
         self.module.eval()
+        local = {m.stage: m for m in self.stage_modules}
         try:
-            self.schedule.eval(inputs, target=labels, labels=labels, return_outputs=False)
+            for x_mb, y_mb in zip(inputs.split(self.micro_batch), labels.split(self.micro_batch)):
+                acts = (x_mb,)
+                for s in range(self.n_stages):
+                    owner, prev = self._stage_owner(s), self._stage_owner(s - 1) if s else None
+                    if owner != self.pp_rank:
+                        if prev == self.pp_rank:
+                            for t in acts:
+                                dist.send(t.contiguous(), dst=dist.get_global_rank(self.pp_group, owner),
+                                          group=self.pp_group)
+                        continue
+                    if s and prev != self.pp_rank:
+                        acts = tuple(self._recv_like(t, prev) for t in local[s].io_shapes(
+                            self.micro_batch, self.seq_len, self.module_dtype)[0])
+                    out = local[s](*acts, labels=y_mb)
+                    if s == self.n_stages - 1:
+                        self._loss.records.append(out.detach())
+                    acts = out if isinstance(out, tuple) else (out,)
         finally:
             self.module.train(was_training)
         return self._mean_losses()
+
+    def _stage_owner(self, stage: int) -> int:
+        return stage_rank(stage, self.pp, self.schedule_name)
+
+    def _recv_like(self, meta: torch.Tensor, src_rank: int) -> torch.Tensor:
+        buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+        dist.recv(buf, src=dist.get_global_rank(self.pp_group, src_rank), group=self.pp_group)
+        return buf
 
     def _mean_losses(self) -> Dict[str, torch.Tensor]:
         if self._loss.records:

@@ -166,7 +166,7 @@ class StageModule(nn.Module):
         inputs = ((torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta"),) if self.is_first
                   else tuple(act.clone().requires_grad_(True) for _ in range(n_act)))
         outputs = ((torch.empty(2, dtype=torch.float32, device="meta"),) if self.is_last
-                   else tuple(act.clone() for _ in range(n_act)))
+                   else tuple(act.clone().requires_grad_(True) for _ in range(n_act)))
         return inputs, outputs
 
 

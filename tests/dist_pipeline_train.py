@@ -14,11 +14,13 @@ import argparse
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+T_IMPORT = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
@@ -61,6 +63,7 @@ def check_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) ->
 
 def run_schedule(schedule: str, args, cfg: ModelConfig) -> None:
     rank = dist.get_rank()
+    start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = Transformer(cfg)
     reference = copy.deepcopy(model) if rank == 0 else None
@@ -113,7 +116,7 @@ def run_schedule(schedule: str, args, cfg: ModelConfig) -> None:
         for key in ("loss", "mtp_loss"):
             check_close(f"{schedule} eval {key}", out[key], ref[key], args.tol)
         print(f"{schedule}: steps={args.steps} max |dloss|={worst['loss']:.2e} max |dgrad|={worst['grad']:.2e} "
-              f"layout={pipe.layout}", flush=True)
+              f"layout={pipe.layout} ({time.perf_counter() - start:.1f} s)", flush=True)
     dist.barrier()
 
 
@@ -131,7 +134,10 @@ def main() -> None:
     parser.add_argument("--grad-tol", dest="grad_tol", type=float, default=1e-5)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    t0 = time.perf_counter()
     dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        print(f"init {t0 - T_IMPORT:.1f}+{time.perf_counter() - t0:.1f} s", flush=True)
     try:
         cfg = tiny_config()
         for schedule in args.schedules:

@@ -13,7 +13,8 @@ from data.tokenizer import (FIM_BEGIN, FIM_END, FIM_HOLE, SPECIAL_TOKENS, load_t
 ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLES = [
-    "def área(raio: float) -> float:\n    \"\"\"Área do círculo — π r².\"\"\"\n    return 3.14159 * raio ** 2\n",
+    "def área(raio: float) -> float:\n    \"\"\"Área do círculo — π r².\"\"\"\n"
+    "    return 3.14159 * raio ** 2\n",
     "class Ünïcode:\n\tname = '日本語のテキスト 🎉'\r\n\tvalues = [1, 22, 333, 4444]\n\n\n",
     "x = {'a': (1, 2), 'b': [3, 4]}  # trailing spaces   \n    if x:\n        pass\n",
     "literal = '<|fim_begin|> not a control token <|end_of_text|>'\n",
@@ -75,7 +76,7 @@ def test_special_tokens_distinct_present_and_not_made_from_text(tok):
 
 def test_vocab_size_and_kind(bpe, spm):
     assert bpe.kind == "bpe" and 300 < bpe.vocab_size <= 600  # fewer when merges run out
-    assert spm.kind == "sentencepiece" and spm.vocab_size == 600
+    assert spm.kind == "sentencepiece" and 300 < spm.vocab_size <= 600
     assert max(max(bpe.encode(t)) for t in SAMPLES) < bpe.vocab_size
 
 
@@ -156,3 +157,24 @@ def test_cli_train_and_load(tmp_path):
     assert "".join(summary["example"]) == "def f(x):\n    return x + 42\n"
     bad = subprocess.run(run + ["--load", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_foreign_tokenizer_json_gets_missing_specials(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    foreign = HFTokenizer(models.BPE())
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    foreign.decoder = decoders.ByteLevel()
+    foreign.train_from_iterator(corpus_texts(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}}))
+    base = foreign.get_vocab_size()
+    with pytest.warns(UserWarning, match="appended the missing special tokens"):
+        tok = load_tokenizer(tmp_path)
+    assert tok.bos_id == foreign.token_to_id("<s>") and tok.vocab_size == base + 5
+    added = [tok.eos_id, tok.pad_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id]
+    assert sorted(added) == list(range(base, base + 5))
+    assert tok.decode(tok.encode(SAMPLES[1])) == SAMPLES[1]

@@ -1,0 +1,19 @@
+"""Launch a tests/dist_*.py worker under torchrun (gloo, CPU) and return its output; used by the tests."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run `torchrun --standalone --nproc_per_node=nproc tests/<script> args`; fail with its output if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-6000:]}")
+    return output

@@ -1,0 +1,114 @@
+"""Parameter counts and FLOPs per token (model/flops.py, model/summary.py) against published figures,
+the parameters of real models, and FLOPs counted while a model runs."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.flops import flops_per_token, param_counts
+from model.summary import load_model_config, meta_param_counts, summarize
+from model.transformer import Transformer
+
+from conftest import ROOT
+
+
+def test_v3_671b_matches_published_sizes():
+    cfg, seq_len = load_model_config("v3_671b")
+    counts = summarize(cfg, seq_len)
+    # DeepSeek-V3: "671B total parameters, 37B activated for each token", MTP reported separately.
+    assert abs(counts["total_params"] / 671e9 - 1) < 0.005
+    assert abs(counts["active_params"] - 37e9) < 0.5e9  # the published 37B is rounded to the billion
+    assert abs(counts["active_params"] / 37e9 - 1) < 0.0125
+    # The released checkpoint (685B) = main model + MTP module with its copies of embedding and head.
+    vocab_matrix = cfg.vocab_size * cfg.hidden_size
+    assert abs((counts["total_params"] + counts["mtp_params"] + 2 * vocab_matrix) / 685e9 - 1) < 0.005
+    assert counts["embedding_params"] == 2 * vocab_matrix
+    assert counts["flops_per_token"] > 6 * counts["active_params"]
+
+
+def test_v2_lite_shape_matches_published_sizes():
+    cfg, _ = load_model_config("v2_lite")
+    counts = param_counts(cfg)
+    # DeepSeek-V2-Lite: 15.7B total, 2.4B activated (rounded figures).
+    assert abs(counts["total_params"] / 15.7e9 - 1) < 0.005
+    assert abs(counts["active_params"] - 2.4e9) < 0.06e9
+
+
+VARIANTS = [
+    [],
+    ["q_lora_rank=null", "tie_word_embeddings=true"],
+    ["first_k_dense_replace=0", "n_shared_experts=2", "num_nextn_predict_layers=2"],
+    ["n_routed_experts=0", "first_k_dense_replace=4"],
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_formulas_match_model_built_on_meta_device(overrides):
+    cfg, _ = load_model_config("tiny", overrides)
+    assert param_counts(cfg) == meta_param_counts(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    own = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    assert param_counts(cfg)["total_params"] == own
+
+
+def _grouped_mm_flops(x_shape, w_shape, *args, **kwargs):
+    """2 * rows * inner * out over all groups; the weight gradient form (2-D x 2-D) sums over groups."""
+    return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
+
+
+def test_flops_per_token_matches_counted_flops():
+    """FLOPs counted op by op in a forward + backward pass equal the formula, up to the two terms the
+    counter sees differently: attention over all keys (the formula counts causal, half) and the MoE
+    combine (a weighted sum the formula leaves out)."""
+    cfg, _ = load_model_config("tiny", ["num_nextn_predict_layers=0"])
+    model = Transformer(cfg)
+    B, S = 2, 64
+    tokens = torch.randint(0, cfg.vocab_size, (B, S))
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
+        model(tokens).float().sum().backward()
+    counted = counter.get_total_flops() / (B * S)
+    causal_attention = 6 * cfg.num_hidden_layers * S * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    combine = 6 * cfg.num_experts_per_tok * cfg.hidden_size * cfg.n_moe_layers
+    assert counted == pytest.approx(flops_per_token(cfg, S) + causal_attention + combine, rel=1e-9)
+
+
+def test_flops_per_token_counts_mtp():
+    cfg, _ = load_model_config("tiny", ["num_nextn_predict_layers=1"])
+    without = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    model = Transformer(cfg)
+    B, S = 2, 64
+    tokens = torch.randint(0, cfg.vocab_size, (B, S))
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
+        logits, mtp = model(tokens, return_mtp=True)
+        (logits.float().sum() + mtp[0].float().sum()).backward()
+    counted = counter.get_total_flops() / (B * S)
+    assert flops_per_token(cfg, S) > flops_per_token(without, S)
+    causal_attention = 6 * (cfg.num_hidden_layers + 1) * S * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    combine = 6 * cfg.num_experts_per_tok * cfg.hidden_size * (cfg.n_moe_layers + 1)
+    # the MTP module sees S - 1 positions, the formula counts S
+    assert counted == pytest.approx(flops_per_token(cfg, S) + causal_attention + combine, rel=0.01)
+
+
+def test_summary_cli_prints_one_json_line():
+    out = subprocess.run([sys.executable, "-m", "model.summary", "v3_671b", "train.seq_len=8192"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    cfg, _ = load_model_config("v3_671b")
+    assert row["seq_len"] == 8192
+    assert row["flops_per_token"] == flops_per_token(cfg, 8192)
+    assert {k: row[k] for k in param_counts(cfg)} == param_counts(cfg)
+
+
+def test_summary_cli_rejects_unknown_override():
+    out = subprocess.run([sys.executable, "-m", "model.summary", "tiny", "hiden_size=3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "hiden_size" in out.stderr
