@@ -81,7 +81,7 @@ def run(dtypes: Sequence[str], batch: int, seq: int, warmup: int, repeats: int, 
         n_tokens = batch * seq
         mine, theirs = n_tokens / seconds["ours"], n_tokens / seconds["peer"]
         rows.append({"bench": "model_vs_hf", "case": f"fwd_bwd_{name}", "unit": "tokens/s",
-                     "ours": round(mine, 1), "peer": PEER, "peer_value": round(theirs, 1),
+                     "ours": round(mine, 2), "peer": PEER, "peer_value": round(theirs, 2),
                      "ratio": round(mine / theirs, 3)})
     return rows
 

@@ -56,7 +56,7 @@ def quantize_1x128(x: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor, t
     """Per 128 contiguous elements of the last dim: (x_fp8 like x, scale [..., ceil(K/128)] fp32)."""
     K = x.shape[-1]
     xp = _pad_last(x.float(), BLOCK)
-    tiles = xp.view(*xp.shape[:-1], -1, BLOCK)
+    tiles = xp.view(*xp.shape[:-1], xp.shape[-1] // BLOCK, BLOCK)
     scale = compute_scale(tiles.abs().amax(dim=-1), pow2)
     q = _to_e4m3(tiles, scale.unsqueeze(-1)).view(xp.shape)[..., :K]
     return q.contiguous(), scale
@@ -97,18 +97,15 @@ def quantize_128x1(x: torch.Tensor, pow2: bool = False, *, x_scale: Optional[tor
     ceil(M / 128).
     """
     xf = dequantize(x, x_scale) if x_scale is not None else x.float()
-    if counts is None:
-        return quantize_1x128(xf.t(), pow2)
-    pieces, scales, row = [], [], 0
-    for c in counts:
-        q, s = quantize_1x128(xf[row:row + int(c)].t(), pow2)
-        pieces.append(q)
-        scales.append(s)
-        row += int(c)
-    K = x.shape[1]
-    if not pieces:
-        return torch.empty(K, 0, dtype=E4M3, device=x.device), torch.empty(K, 0, device=x.device)
-    return torch.cat(pieces, dim=1), torch.cat(scales, dim=1)
+    M, K = xf.shape
+    starts, ends = group_blocks([M] if counts is None else counts)
+    sizes = torch.tensor(ends, dtype=torch.long) - torch.tensor(starts, dtype=torch.long)
+    block_of_row = torch.repeat_interleave(torch.arange(len(starts)), sizes).to(x.device)
+    amax = torch.zeros(len(starts), K, device=x.device).scatter_reduce_(
+        0, block_of_row[:, None].expand(M, K), xf.abs(), "amax")
+    scale = compute_scale(amax, pow2)
+    q = _to_e4m3(xf, scale[block_of_row])
+    return q.t().contiguous(), scale.t().contiguous()
 
 
 def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -132,7 +129,40 @@ def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype 
     if x_fp8.dim() == 1:
         return dequantize(x_fp8.unsqueeze(0), scale.unsqueeze(0), out_dtype).squeeze(0)
     check_scale("dequantize", x_fp8, scale)
-    return (x_fp8.float() * _expand_scale(scale, *x_fp8.shape[-2:])).to(out_dtype)
+    return (decode_e4m3(x_fp8) * _expand_scale(scale, *x_fp8.shape[-2:])).to(out_dtype)
+
+
+def decode_e4m3(x_fp8: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 values of E4M3 data (NaN codes excepted), faster on CPU than `.float()`.
+
+    Shifting the 7 magnitude bits into an fp16 exponent/mantissa gives value * 2**-8 for normal and
+    subnormal codes alike (both formats keep the leading bit implicit), so one fp16 -> fp32 cast remains.
+    """
+    u = x_fp8.view(torch.uint8).to(torch.int16)
+    half_bits = ((u & 0x7F) << 7) | ((u & 0x80) << 8)
+    return half_bits.view(torch.float16).float() * 256.0
+
+
+def _row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """One scale per row and K block: 128x128 block scales are repeated over their 128 rows."""
+    return scale if scale.shape[0] == rows else scale.repeat_interleave(BLOCK, dim=0)[:rows]
+
+
+def _gemm_f32(af: torch.Tensor, sa: torch.Tensor, bf: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """sum over K blocks of (af_blk · bf_blkᵀ) * sa[:, kb] * sb[:, kb] in fp32 (operands already decoded)."""
+    acc = torch.zeros(af.shape[0], bf.shape[0], dtype=torch.float32, device=af.device)
+    with torch.autocast(device_type=af.device.type, enabled=False):
+        for kb in range(cdiv(af.shape[1], BLOCK)):
+            ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
+            acc += (af[:, ks] @ bf[:, ks].t()) * sa[:, kb, None] * sb[None, :, kb]
+    return acc
+
+
+def _check_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> None:
+    check_scale("fp8_gemm operand a", a, a_scale)
+    check_scale("fp8_gemm operand b", b, b_scale)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"fp8_gemm: K differs, a {tuple(a.shape)} vs b {tuple(b.shape)}")
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -142,20 +172,9 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     For every 128-wide block of K the exact products are summed in fp32, multiplied by both
     operands' scales and added to an fp32 accumulator; the result is cast to `out_dtype`.
     """
-    check_scale("fp8_gemm operand a", a, a_scale)
-    check_scale("fp8_gemm operand b", b, b_scale)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"fp8_gemm: K differs, a {tuple(a.shape)} vs b {tuple(b.shape)}")
-    M, K = a.shape
-    N = b.shape[0]
-    sa = a_scale.repeat_interleave(BLOCK, dim=0)[:M] if a_scale.shape[0] != M else a_scale
-    sb = b_scale.repeat_interleave(BLOCK, dim=0)[:N] if b_scale.shape[0] != N else b_scale
-    af, bf = a.float(), b.float()
-    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        for kb in range(cdiv(K, BLOCK)):
-            ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
-            acc += (af[:, ks] @ bf[:, ks].t()) * sa[:, kb, None] * sb[None, :, kb]
+    _check_gemm(a, a_scale, b, b_scale)
+    acc = _gemm_f32(decode_e4m3(a), _row_scales(a_scale, a.shape[0]),
+                    decode_e4m3(b), _row_scales(b_scale, b.shape[0]))
     return acc.to(out_dtype)
 
 
@@ -170,12 +189,14 @@ def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
                        counts: Sequence[int], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Rows of a [M, K] (1x128 scales) sorted by group, counts[e] rows each: out rows of group e =
     a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and Dgrad of experts."""
+    _check_gemm(a, a_scale, b, b_scale)
     offs = _offsets(counts)
+    af, bf = decode_e4m3(a), decode_e4m3(b)
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     for e in range(len(counts)):
         lo, hi = offs[e], offs[e + 1]
         if hi > lo:
-            out[lo:hi] = fp8_gemm(a[lo:hi], a_scale[lo:hi], b[e], b_scale[e], out_dtype)
+            out[lo:hi] = _gemm_f32(af[lo:hi], a_scale[lo:hi], bf[e], _row_scales(b_scale[e], b.shape[1]))
     return out
 
 
@@ -187,14 +208,14 @@ def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     restarting at every group); a group with no rows gets a zero gradient.
     """
     offs = _offsets(counts)
+    af, bf = decode_e4m3(a), decode_e4m3(b)
     out = torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
     blk = 0
     for e in range(len(counts)):
         lo, hi = offs[e], offs[e + 1]
         nb = cdiv(hi - lo, BLOCK)
         if nb:
-            out[e] = fp8_gemm(a[:, lo:hi], a_scale[:, blk:blk + nb], b[:, lo:hi], b_scale[:, blk:blk + nb],
-                              torch.float32)
+            out[e] = _gemm_f32(af[:, lo:hi], a_scale[:, blk:blk + nb], bf[:, lo:hi], b_scale[:, blk:blk + nb])
         blk += nb
     return out
 
@@ -214,7 +235,7 @@ def quantize_e5m6(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     K = x.shape[-1]
     xp = _pad_last(x.float(), BLOCK)
-    tiles = xp.view(*xp.shape[:-1], -1, BLOCK)
+    tiles = xp.view(*xp.shape[:-1], xp.shape[-1] // BLOCK, BLOCK)
     scale = compute_scale(tiles.abs().amax(dim=-1), pow2=True, fmt_max=E5M6_MAX)
     v = _round_e5m6((tiles / scale.unsqueeze(-1)).contiguous()).view(xp.shape)[..., :K]
     codes = (v.half().view(torch.int16).to(torch.int32) >> 4) & 0xFFF

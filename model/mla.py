@@ -2,7 +2,8 @@
 
 q = W_qb(RMSNorm(W_qa x)) (or W_q x without q-LoRA); [c_kv, k_rope] = W_kva x;
 [k_nope, v] = W_kvb(RMSNorm(c_kv)); RoPE on the rope part only, k_rope shared by all heads.
-Only (c_kv, k_rope) are cached during generation: MLA's compressed KV cache.
+Only (c_kv, k_rope) are cached during generation: MLA's compressed KV cache; decoding steps attend
+to it directly, with the key/value up-projections absorbed into query and output.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ class MLA(nn.Module):
         if cache is not None:
             start = cache.length(self.layer_idx)
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+            if start > 0:
+                out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, start)
+                return self.o_proj(out.reshape(B, S, -1))
         T = c_kv.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
 
@@ -82,6 +86,22 @@ class MLA(nn.Module):
         v_BHTE = v.transpose(1, 2)
         out = attention(q_BHSE, k_BHTE, v_BHTE, self.softmax_scale, start)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+    def absorbed_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
+                           k_rope: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of S new queries on the latent cache without expanding it to per-head keys and
+        values (DeepSeek-V2 section 2.1.2): W_UK folds into the query, W_UV into the output. Same
+        result as the expanded path; used for decoding steps. Returns [B, S, H, v_dim]."""
+        w_HOR = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_HOR.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
+        scores = (torch.einsum("bshr,btr->bhst", q_latent, c_kv)
+                  + torch.einsum("bshe,bte->bhst", q_rope, k_rope)).float() * self.softmax_scale
+        S, T = scores.shape[-2:]
+        visible = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(diagonal=start)
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(c_kv.dtype)
+        out_latent = torch.einsum("bhst,btr->bshr", probs, c_kv)
+        return torch.einsum("bshr,hvr->bshv", out_latent, w_uv)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:

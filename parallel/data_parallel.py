@@ -39,6 +39,9 @@ from torch import nn
 from .expert_parallel import is_expert_param
 from .mesh import ParallelLayout
 
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def chunk_range(n: int, parts: int, index: int) -> Tuple[int, int]:
     """[start, end) of piece `index` when n is split torch.chunk-style into `parts` (may be empty)."""
@@ -85,7 +88,7 @@ class _ShardGroup:
         if self.group is None:
             recv.copy_(send[0])
         else:
-            dist.reduce_scatter_tensor(recv, send.view(-1), group=self.group)
+            _REDUCE_SCATTER(recv, send.view(-1), group=self.group)
         out, offset = [], 0
         for p, shape, numel in zip(self.params, self.piece, self.piece_numel):
             piece = recv[offset:offset + numel].view(shape)
@@ -106,7 +109,7 @@ class _ShardGroup:
             self._pad_into(send[offset:offset + numel], self.local_slice(p.data), shape)
             offset += numel
         recv = torch.empty(self.size, self.length, dtype=dtype)
-        dist.all_gather_into_tensor(recv.view(-1), send, group=self.group)
+        _ALL_GATHER(recv.view(-1), send, group=self.group)
         for r in range(self.size):
             offset = 0
             for p, shape, numel in zip(self.params, self.piece, self.piece_numel):
@@ -208,7 +211,7 @@ class Zero1:
         mesh = self.layout.mesh
         if self.expert[index]:
             return mesh["dp", "ep"], [Shard(1), Shard(0)]
-        return mesh["dp_ep"], [Shard(0)]
+        return mesh["dp", "ep"]._flatten("dp_ep"), [Shard(0)]
 
     def _global_shape(self, index: int, local: torch.Tensor) -> torch.Size:
         shape = list(self.params[index].shape)

@@ -62,10 +62,11 @@ def plan_hop(idx_RK: torch.Tensor, experts_per_peer: int, peer_ranks: Sequence[i
     n_peers = len(peer_ranks)
     valid_RK = idx_RK >= 0
     peer_RK = torch.where(valid_RK, idx_RK // experts_per_peer, n_peers)
-    hit_RP = torch.zeros(R, n_peers + 1, dtype=torch.bool).scatter_(1, peer_RK.long(), True)[:, :n_peers]
-    peer_C, row_C = hit_RP.t().nonzero(as_tuple=True)
-    send = torch.zeros(ep_size, dtype=torch.int64)
-    send[torch.tensor(list(peer_ranks), dtype=torch.int64)] = torch.bincount(peer_C, minlength=n_peers)
+    device = idx_RK.device
+    hit_RP = torch.zeros(R, n_peers + 1, dtype=torch.bool, device=device).scatter_(1, peer_RK.long(), True)
+    peer_C, row_C = hit_RP[:, :n_peers].t().nonzero(as_tuple=True)
+    send = torch.zeros(ep_size, dtype=torch.int64, device=device)
+    send[torch.tensor(list(peer_ranks), dtype=torch.int64, device=device)] = torch.bincount(peer_C, minlength=n_peers)
     recv = exchange_counts(send, group)
     idx_CK = idx_RK[row_C]
     base_C1 = (peer_C * experts_per_peer).unsqueeze(1)
@@ -206,8 +207,10 @@ class ExpertParallelDispatcher:
             self.traffic.add("meta", [1] * self.ep_size, 8)
         if hops:
             first = hops[0]
-            dest_C = torch.repeat_interleave(torch.arange(self.ep_size), torch.tensor(first.send_counts))
-            hit_TN = torch.zeros(first.n_src, self.n_nodes, dtype=torch.bool)
+            device = first.src_rows.device
+            dest_C = torch.repeat_interleave(torch.arange(self.ep_size, device=device),
+                                             torch.tensor(first.send_counts, device=device))
+            hit_TN = torch.zeros(first.n_src, self.n_nodes, dtype=torch.bool, device=device)
             hit_TN[first.src_rows, dest_C // self.gpus_per_node] = True
             self.last_nodes_per_token = hit_TN.sum(dim=1)
 

@@ -22,9 +22,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
+
 from model.moe import GroupedExperts
 from model.transformer import Transformer
 
+from .dispatch import ExpertParallelDispatcher, make_dispatcher
 from .mesh import ParallelLayout
 
 EXPERT_KEY = ".mlp.experts."
@@ -120,4 +122,65 @@ def shard_expert_state(state: Dict[str, Any], layout: ParallelLayout,
         return value
 
     return wrap(state, "")
+
+
+def local_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Inverse of `shard_expert_state`: DTensors replaced by their local shards (same storage)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return {k: local_state(v) for k, v in state.items()}
+    return state.to_local() if isinstance(state, DTensor) else state
+
+
+class ExpertParallel:
+    """What a training loop needs for expert parallelism, built on a full `Transformer`.
+
+    Construction shards the experts and installs the dispatcher (`layout.dispatcher`, FP8 payload
+    when `fp8`). Per step: `reduce_gradients`, `grad_norm` (global: the expert part is summed over
+    the EP group, where each rank holds other experts), `expert_load` (summed over every rank that
+    routes tokens); `traffic()` returns and resets the bytes sent by all ranks since the last call;
+    `checkpoint_state` / `local_state` wrap and unwrap the expert tensors for DCP.
+    """
+
+    def __init__(self, model: Transformer, layout: ParallelLayout, fp8: bool = False):
+        self.model, self.layout = model, layout
+        self.dispatcher: ExpertParallelDispatcher = make_dispatcher(layout.dispatcher, layout.ep_group,
+                                                                    layout.ranks_per_ep_node, fp8=fp8)
+        shard_experts(model, layout.ep_rank, layout.ep, self.dispatcher)
+        self.device = next(model.parameters()).device
+
+    def reduce_gradients(self) -> None:
+        reduce_gradients(self.model.named_parameters(), self.layout)
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """L2 norm of the whole model's gradient (after `reduce_gradients`); inf/nan propagate."""
+        sq = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                sq[int(is_expert_param(name))] += p.grad.double().square().sum()
+        dist.all_reduce(sq[1:], group=self.layout.ep_group)
+        return sq.sum().sqrt().float()
+
+    @torch.no_grad()
+    def expert_load(self) -> torch.Tensor:
+        return global_expert_load(self.model, self.layout.dense_grad_group)
+
+    def traffic(self) -> Dict[str, float]:
+        """{"a2a_internode_bytes", "a2a_intranode_bytes"}: forward-pass payload bytes sent by all
+        ranks of the dp x ep group since the last call (collective); resets the counters."""
+        d = self.dispatcher
+        sent = torch.tensor([d.a2a_internode_bytes, d.a2a_intranode_bytes], dtype=torch.float64,
+                            device=self.device)
+        dist.all_reduce(sent, group=self.layout.dense_grad_group)
+        d.reset_traffic()
+        return {"a2a_internode_bytes": float(sent[0]), "a2a_intranode_bytes": float(sent[1])}
+
+    def checkpoint_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return shard_expert_state(state, self.layout)
+
+    @staticmethod
+    def local_state(state: Dict[str, Any]) -> Dict[str, Any]:
+        return local_state(state)
 

@@ -96,6 +96,14 @@ def _lm_eval_outputs(output_path: Path):
     return results, samples
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_moeforge_in_lm_eval_equals_hf_model_on_export(tmp_path):
     out_dir, hf_dir, task_dir = tmp_path / "run", tmp_path / "hf", tmp_path / "tasks"
     _checkpoint(out_dir)

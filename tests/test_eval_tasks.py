@@ -19,6 +19,15 @@ SAMPLES = Path(__file__).resolve().parents[1] / "eval" / "samples"
 CONTEXT = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes gain nothing from a second thread, and one thread is immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """(hf_dir, transformers model, transformers tokenizer, our model, our tokenizer): same weights and vocabulary."""
@@ -123,6 +132,21 @@ def test_greedy_generation_equals_transformers_generate_and_recompute(hf_pair):
                               max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         assert ours_out == ref[0, len(ids):].tolist()
         assert greedy_generate(ours, ids, 24, eos_id=tok.eos_id, use_cache=False) == ours_out
+
+
+def test_latent_cache_logits_equal_full_forward(hf_pair):
+    """Prefill, then one token, then a chunk of three: each step's logits equal the full forward's."""
+    from model.mla import LatentKVCache
+
+    *_, ours, _ = hf_pair
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = ours(tokens)
+        cache = LatentKVCache()
+        steps = [ours(tokens[:, :16], cache=cache), ours(tokens[:, 16:17], cache=cache),
+                 ours(tokens[:, 17:20], cache=cache)]
+    assert cache.length() == 20
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
 def test_generation_stops_at_stop_string_and_fits_context(hf_pair):

@@ -40,4 +40,4 @@ def test_bench_prints_json_rows():
         assert r["bench"] == "model_vs_hf" and r["unit"] == "tokens/s"
         assert r["peer"] == "transformers DeepseekV3ForCausalLM"
         assert r["ours"] > 0 and r["peer_value"] > 0
-        assert abs(r["ratio"] - r["ours"] / r["peer_value"]) < 0.01 * r["ratio"]
+        assert abs(r["ratio"] - r["ours"] / r["peer_value"]) < 0.01 * r["ratio"] + 0.001

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -49,6 +50,14 @@ def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+@contextmanager
+def _quiet_single_process():
+    """Silence DCP's notice that it runs without a process group (expected for one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def step_dir(out_dir: Path, step: int) -> Path:
     return out_dir / "checkpoints" / f"step_{step}"
 
@@ -62,7 +71,8 @@ def save(out_dir: Path, step: int, state: Dict[str, Any], model_config: Dict[str
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
     if _is_main():
         (tmp / "model_config.json").write_text(json.dumps(model_config, indent=1))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -111,7 +121,8 @@ def load_latest(out_dir: Path, state: Dict[str, Any]) -> Optional[Tuple[Path, Di
         try:
             check_files(path)
             full = {**state, "train": _train_template(path)}
-            load_state(full, path)
+            with _quiet_single_process():
+                load_state(full, path)
         except Exception as err:  # any unreadable checkpoint is skipped, the reason is reported
             reason = str(err).splitlines()[0] if str(err) else ""
             warnings.warn(f"skipping corrupt checkpoint {path}: {type(err).__name__}: {reason}")

@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from model.config import ModelConfig
+from parallel.mesh import check_layout
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parent
@@ -46,12 +47,16 @@ class PrecisionConfig:
 
 @dataclass
 class ParallelConfig:
-    """Process layout: world = pp x dp x ep; dp is derived from the world size when left null."""
+    """Process layout: world = pp x dp x ep; dp is derived from the world size when left null.
+
+    gpus_per_node null: $LOCAL_WORLD_SIZE (torchrun). dispatcher null: hierarchical when the EP group
+    spans several nodes, else flat (rules in parallel/mesh.py).
+    """
     pp: int = 1
     dp: Optional[int] = None
     ep: int = 1
-    gpus_per_node: int = 8
-    dispatcher: str = "flat"
+    gpus_per_node: Optional[int] = None
+    dispatcher: Optional[str] = None
     schedule: str = "1f1b"
     stages_per_rank: int = 1
 
@@ -184,7 +189,8 @@ def resolve_path(path: str, base: Path) -> Path:
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
-    """dp = world / (pp x ep), checked against `parallel.dp` when that is set."""
+    """Ranks that split the global batch: dp x ep = world / pp (each EP rank routes its own tokens);
+    dp = world / (pp x ep) is checked against `parallel.dp` when that is set."""
     par = cfg.parallel
     if par.pp < 1 or par.ep < 1:
         raise ConfigError(f"parallel.pp ({par.pp}) and parallel.ep ({par.ep}) must be >= 1")
@@ -195,7 +201,7 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
     if par.dp is not None and par.dp != dp:
         raise ConfigError(f"parallel.dp={par.dp} but world size {world_size} / (parallel.pp x parallel.ep = "
                           f"{par.pp} x {par.ep}) gives dp={dp}; leave parallel.dp=null to derive it")
-    return dp
+    return dp * par.ep
 
 
 def _check_choice(value: str, allowed: tuple, name: str) -> None:
@@ -205,9 +211,10 @@ def _check_choice(value: str, allowed: tuple, name: str) -> None:
 
 def _check_parallel(cfg: DictConfig, world_size: int, mcfg: ModelConfig) -> None:
     par = cfg.parallel
-    _check_choice(par.dispatcher, DISPATCHERS, "parallel.dispatcher")
+    if par.dispatcher is not None:
+        _check_choice(par.dispatcher, DISPATCHERS, "parallel.dispatcher")
     _check_choice(par.schedule, SCHEDULES, "parallel.schedule")
-    if min(par.pp, par.ep, par.gpus_per_node, par.stages_per_rank) < 1:
+    if min(par.pp, par.ep, par.stages_per_rank) < 1 or (par.gpus_per_node is not None and par.gpus_per_node < 1):
         raise ConfigError(f"parallel.pp ({par.pp}), parallel.ep ({par.ep}), parallel.gpus_per_node "
                           f"({par.gpus_per_node}) and parallel.stages_per_rank ({par.stages_per_rank}) must be >= 1")
     if par.schedule in ("zbv", "dualpipev") and par.stages_per_rank != 2:
@@ -219,10 +226,12 @@ def _check_parallel(cfg: DictConfig, world_size: int, mcfg: ModelConfig) -> None
     if par.pp > 1:
         raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not yet supported by train.py; "
                           f"use parallel.pp=1")
-    if par.ep > 1:
-        raise ConfigError(f"parallel.ep={par.ep}: expert parallelism is not yet supported by train.py; "
-                          f"use parallel.ep=1")
     data_parallel_size(cfg, world_size)
+    try:
+        check_layout(world_size, pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node,
+                     dispatcher=par.dispatcher, n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_train(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:

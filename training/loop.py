@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer
+from parallel.expert_parallel import ExpertParallel
+from parallel.mesh import build_layout
 
 from . import checkpoint
 from .config import data_parallel_size, resolve_path
@@ -92,6 +94,18 @@ def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Tra
     return model.train()
 
 
+def expert_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig,
+                    device: torch.device) -> Optional[ExpertParallel]:
+    """Shard the routed experts over `parallel.ep` ranks (None when ep = 1); see parallel/expert_parallel.py."""
+    par = cfg.parallel
+    if par.ep == 1:
+        return None
+    layout = build_layout(pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node,
+                          dispatcher=par.dispatcher, n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group,
+                          device_type=device.type)
+    return ExpertParallel(model, layout, fp8=cfg.precision.name == "fp8")
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, mcfg: ModelConfig, dist: Dist, inputs: Inputs):
         from data.dataset import PackedDataset, shard_stats
@@ -100,6 +114,7 @@ class Trainer:
         self.out_dir = resolve_path(cfg.out_dir, Path.cwd())
         self.dp = data_parallel_size(cfg, dist.world)
         self.model = build_model(cfg, mcfg, dist.device)
+        self.ep = expert_parallel(self.model, cfg, mcfg, dist.device)
         o = cfg.optim
         self.optimizer = AdamW(self.model.named_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
@@ -116,7 +131,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> Dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        return self.ep.checkpoint_state(state) if self.ep else state
 
     def save(self) -> Path:
         p = self.progress
@@ -137,6 +153,7 @@ class Trainer:
         if found is None:
             return None
         path, train = found
+        state = self.ep.local_state(state) if self.ep else state
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.progress = Progress(step=int(train["step"]), tokens=int(train["tokens"]),
@@ -157,7 +174,7 @@ class Trainer:
         result = train_step(self.model, self.optimizer, list(rows.split(cfg.train.micro_batch)),
                             mtp_lambda=s.mtp_lambda(p.tokens), gamma=s.bias_gamma(p.tokens),
                             alpha=self.mcfg.aux_loss_alpha, grad_clip=cfg.optim.grad_clip,
-                            autocast=self.autocast, dist=self.dist)
+                            autocast=self.autocast, dist=self.dist, ep=self.ep)
         p.step += 1
         p.tokens += batch * cfg.train.seq_len
         p.skipped_steps += result.skipped
@@ -184,6 +201,8 @@ class Trainer:
         cfg, p, total = self.cfg, self.progress, self.cfg.train.steps
         logger = MetricsLogger(self.out_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging.wandb,
                                total, p.step, enabled=self.dist.is_main)
+        if p.step >= total:
+            logger.print(f"nothing to do: {self.out_dir} already holds step {p.step} of train.steps={total}")
         stop = StopSignal()
         last: Dict[str, Any] = {}
         window_tokens, window_time, window_steps = 0, 0.0, 0
@@ -205,7 +224,7 @@ class Trainer:
                               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak,
                               "maxvio": result.maxvio, "time": p.elapsed + time.perf_counter() - t0,
                               "skipped_steps": p.skipped_steps, "balance_loss": result.balance_loss,
-                              **record}
+                              **result.traffic, **record}
                     if result.skipped:
                         record["skipped"] = True
                         logger.print(f"warning: step {p.step} skipped: loss {result.loss}, grad_norm "

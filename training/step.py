@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from eval.scoring import bits_per_byte, token_nll
 from model.transformer import Transformer, lm_loss, maxvio
+from parallel.expert_parallel import ExpertParallel
 
 from .distributed import Dist
 from .optim import AdamW, clip_grads, grad_norm
@@ -30,6 +31,7 @@ class StepResult:
     grad_norm: float
     maxvio: float
     skipped: bool
+    traffic: Dict[str, float] = field(default_factory=dict)
 
 
 def reset_expert_load(model: Transformer) -> None:
@@ -40,9 +42,14 @@ def reset_expert_load(model: Transformer) -> None:
 
 def train_step(model: Transformer, optimizer: AdamW, micro_batches: List[torch.Tensor], *, mtp_lambda: float,
                gamma: float, alpha: float, grad_clip: float, autocast: Callable[[], AbstractContextManager],
-               dist: Dist) -> StepResult:
-    """Forward/backward over `micro_batches` ([b, S+1] each), then update unless non-finite."""
+               dist: Dist, ep: Optional[ExpertParallel] = None) -> StepResult:
+    """Forward/backward over `micro_batches` ([b, S+1] each), then update unless non-finite.
+
+    With expert parallelism (`ep`), gradients, their norm and the expert load are reduced by `ep`
+    (experts differ between EP ranks) and the step's all-to-all bytes are returned in `traffic`."""
     accum = len(micro_batches)
+    if ep is not None:
+        ep.dispatcher.reset_traffic()
     model.set_balance_loss_weight(alpha / accum)
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
     for tokens in micro_batches:
@@ -53,10 +60,15 @@ def train_step(model: Transformer, optimizer: AdamW, micro_batches: List[torch.T
         sums += torch.stack([out["loss"].detach(), out["mtp_loss"].detach(),
                              model.balance_loss().to(sums.device)]).double() / accum
     params = [p for p in model.parameters() if p.requires_grad]
-    dist.average_gradients(params)
+    if ep is None:
+        dist.average_gradients(params)
+        norm = float(grad_norm(params))
+        load_LE = dist.all_reduce_(model.expert_load().clone())
+    else:
+        ep.reduce_gradients()
+        norm = float(ep.grad_norm())
+        load_LE = ep.expert_load()
     dist.all_reduce_(sums).div_(dist.world)
-    norm = float(grad_norm(params))
-    load_LE = dist.all_reduce_(model.expert_load().clone())
     loss, mtp_loss, balance = sums.tolist()
     skipped = not (math.isfinite(loss) and math.isfinite(mtp_loss) and math.isfinite(norm))
     if skipped:
@@ -67,21 +79,25 @@ def train_step(model: Transformer, optimizer: AdamW, micro_batches: List[torch.T
         model.update_router_bias(gamma, load_LE)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, mtp_loss=mtp_loss, balance_loss=balance, grad_norm=norm,
-                      maxvio=maxvio(load_LE), skipped=skipped)
+                      maxvio=maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {})
 
 
 @torch.no_grad()
 def validate(model: Transformer, batches, bytes_per_token: float, *,
              autocast: Callable[[], AbstractContextManager], dist: Dist) -> Tuple[float, float]:
-    """(mean token NLL in nats, bits per byte) over `batches`, split round-robin over ranks."""
+    """(mean token NLL in nats, bits per byte) over `batches`, split round-robin over ranks.
+
+    Every rank runs the same number of forwards (a rank past the end repeats batch 0 and discards
+    it), since expert-parallel forwards are collectives."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for i, tokens in enumerate(batches):
-        if i % dist.world != dist.rank:
-            continue
+    batches = list(batches)
+    for i in range(dist.rank, -(-len(batches) // dist.world) * dist.world, dist.world):
         with autocast():
-            nll = token_nll(model, tokens.to(dist.device))
+            nll = token_nll(model, batches[i if i < len(batches) else 0].to(dist.device))
+        if i >= len(batches):
+            continue
         totals += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), dtype=torch.float64,
                                                                 device=dist.device)])
     dist.all_reduce_(totals)

@@ -26,10 +26,19 @@ BM, BN = 128, 128
 
 
 @triton.jit
+def _round_bf16(acc):
+    """fp32 -> bf16 rounding to nearest even with integer ops (the interpreter's cast truncates)."""
+    bits = acc.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tile_g_ptr, tile_r0_ptr, tile_r1_ptr, N, K,
                  stride_am, stride_ak, stride_bg, stride_bn, stride_bk, stride_cm, stride_cn,
                  stride_asm, stride_ask, stride_bsg, stride_bsn, stride_bsk,
-                 A_BLOCK: tl.constexpr, B_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 A_BLOCK: tl.constexpr, B_BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, pid_n = tl.program_id(0), tl.program_id(1)
     g = tl.load(tile_g_ptr + tile).to(tl.int64)
     r0 = tl.load(tile_r0_ptr + tile)
@@ -60,8 +69,11 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tile_g_ptr, tile_r0_ptr, t
         sa = tl.load(as_ptr + sa_rows * stride_asm + kb * stride_ask, mask=mmask, other=0.0)
         sb = tl.load(bs_ptr + sb_rows * stride_bsn + kb * stride_bsk, mask=nmask, other=0.0)
         acc += part * sa[:, None] * sb[None, :]
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    if OUT_BF16:
+        out = _round_bf16(acc)
+    else:
+        out = acc
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -103,18 +115,21 @@ def _row_tiles(counts: Sequence[int], device: torch.device):
     return [torch.tensor(v, dtype=torch.int32, device=device) for v in (groups, r0s, r1s)]
 
 
-def _launch(a, a_scale, b3, b_scale3, out, counts, a_block: bool, b_block: bool) -> torch.Tensor:
+def _launch(a, a_scale, b3, b_scale3, counts, out_dtype, a_block: bool, b_block: bool) -> torch.Tensor:
+    """Run `_gemm_kernel` into fp32 or bf16 (written by the kernel), any other dtype cast from fp32."""
     tiles_g, tiles_r0, tiles_r1 = _row_tiles(counts, a.device)
     N, K = b3.shape[1], b3.shape[2]
+    kernel_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    out = torch.empty(a.shape[0], N, dtype=kernel_dtype, device=a.device)
     if tiles_g.numel() and N:
         grid = (tiles_g.numel(), cdiv(N, BN))
         _gemm_kernel[grid](a, b3, out, a_scale, b_scale3, tiles_g, tiles_r0, tiles_r1, N, K,
                            a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
                            out.stride(0), out.stride(1), a_scale.stride(0), a_scale.stride(1),
                            b_scale3.stride(0), b_scale3.stride(1), b_scale3.stride(2),
-                           A_BLOCK=a_block, B_BLOCK=b_block, BLOCK_M=BM, BLOCK_N=BN,
-                           num_warps=8, num_stages=3)
-    return out
+                           A_BLOCK=a_block, B_BLOCK=b_block, OUT_BF16=kernel_dtype == torch.bfloat16,
+                           BLOCK_M=BM, BLOCK_N=BN, num_warps=8, num_stages=3)
+    return out.to(out_dtype)
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -125,16 +140,14 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"fp8_gemm: K differs, a {tuple(a.shape)} vs b {tuple(b.shape)}")
     M, N = a.shape[0], b.shape[0]
-    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
-    return _launch(a, a_scale, b.unsqueeze(0), b_scale.unsqueeze(0), out, [M],
+    return _launch(a, a_scale, b.unsqueeze(0), b_scale.unsqueeze(0), [M], out_dtype,
                    a_block=a_scale.shape[0] != M, b_block=b_scale.shape[0] != N)
 
 
 def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                        counts: Sequence[int], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Triton version of `kernels.fp8.fp8_gemm_grouped_m` (expert Fprop / Dgrad)."""
-    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    return _launch(a, a_scale, b, b_scale, out, counts, a_block=False, b_block=True)
+    return _launch(a, a_scale, b, b_scale, counts, out_dtype, a_block=False, b_block=True)
 
 
 def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

@@ -1,0 +1,174 @@
+"""Triton FP8 kernels against the PyTorch reference, on CPU under TRITON_INTERPRET=1.
+
+The interpreter must be on before Triton defines the kernels, so the checks run in one child
+process (this file executed as a script with TRITON_INTERPRET=1); each test reports one check.
+Quantizers must match bit for bit, GEMMs to fp32 rounding. On a GPU machine, running this file with
+MOEFORGE_TRITON_DEVICE=cuda runs the same checks on the GPU kernels.
+"""
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("MOEFORGE_TRITON_DEVICE", "cpu")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs {b.dtype}"
+    diff = (a != b).sum().item()
+    assert diff == 0, f"{what}: {diff} of {a.numel()} elements differ"
+
+
+def _sample(shape, spread=3.0):
+    x = torch.randn(shape) * torch.pow(10.0, torch.empty(shape).uniform_(-spread, spread))
+    flat = x.view(-1)
+    ties = torch.tensor([448.0, 1.0625, 17.0, -19.0, 2 ** -10, 3 * 2 ** -10, 0.0, -0.0])
+    flat[:min(8, flat.numel())] = ties[:min(8, flat.numel())]
+    return x.to(DEVICE)
+
+
+def _close_fp32(out, ref, a, b, what):
+    """|out - ref| within twice the fp32 accumulation bound of the dequantized operands."""
+    bound = (a.abs().double() @ b.abs().double().t()) * 2 * (a.shape[1] + 4) * 2.0 ** -24
+    err = (out.double() - ref.double()).abs()
+    assert torch.all(err <= bound + 1e-30), f"{what}: max error {err.max().item():.3g} above fp32 rounding"
+
+
+def check_quantize_1x128():
+    from kernels import fp8, triton as tk
+    for shape in [(130, 300), (1, 5), (3, 4, 200), (256, 128)]:
+        x = _sample(shape)
+        for pow2 in (False, True):
+            for got, want, name in zip(tk.quantize_1x128(x, pow2), fp8.quantize_1x128(x, pow2), ("data", "scale")):
+                _same_bits(got, want, f"1x128 {name} {shape} pow2={pow2}")
+    xb = _sample((64, 256)).bfloat16()
+    _same_bits(tk.quantize_1x128(xb)[0], fp8.quantize_1x128(xb)[0], "1x128 from bf16")
+
+
+def check_quantize_128x128():
+    from kernels import fp8, triton as tk
+    for shape in [(200, 300), (3, 130, 260), (1, 1)]:
+        w = _sample(shape, spread=2.0)
+        for pow2 in (False, True):
+            for got, want, name in zip(tk.quantize_128x128(w, pow2), fp8.quantize_128x128(w, pow2), ("data", "scale")):
+                _same_bits(got, want, f"128x128 {name} {shape} pow2={pow2}")
+
+
+def check_quantize_128x1():
+    from kernels import fp8, triton as tk
+    x = _sample((300, 200))
+    for pow2 in (False, True):
+        xq, xs = fp8.quantize_1x128(x, pow2)
+        for counts in (None, [0, 130, 1, 0, 169]):
+            for src, scale, kind in ((x, None, "hp"), (xq, xs, "fp8")):
+                got = tk.quantize_128x1(src, pow2, x_scale=scale, counts=counts)
+                want = fp8.quantize_128x1(src, pow2, x_scale=scale, counts=counts)
+                for g, w, name in zip(got, want, ("data", "scale")):
+                    _same_bits(g, w, f"128x1 {name} from {kind} counts={counts} pow2={pow2}")
+
+
+def check_gemm_layouts():
+    from kernels import fp8, triton as tk
+    M, N, K = 200, 150, 300
+    x, w, dy = _sample((M, K), 1.0), _sample((N, K), 1.0), _sample((M, N), 1.0)
+    xq, wq, dyq = fp8.quantize_1x128(x), fp8.quantize_128x128(w), fp8.quantize_1x128(dy)
+    wt = (wq[0].t(), wq[1].t())
+    dyt, xt = fp8.quantize_128x1(dy), fp8.quantize_128x1(xq[0], x_scale=xq[1])
+    xblk = fp8.quantize_128x128(x)
+    cases = {"fprop": (xq, wq), "dgrad (weight read transposed)": (dyq, wt), "wgrad": (dyt, xt),
+             "block x block": (xblk, wq), "block x row": (xblk, fp8.quantize_1x128(w))}
+    for name, (a, b) in cases.items():
+        ref = fp8.fp8_gemm(*a, *b, out_dtype=torch.float32)
+        out = tk.fp8_gemm(*a, *b, out_dtype=torch.float32)
+        _close_fp32(out, ref, fp8.dequantize(*a), fp8.dequantize(*b), name)
+    out16 = tk.fp8_gemm(*xq, *wq)
+    ref16 = fp8.fp8_gemm(*xq, *wq, out_dtype=torch.float32)
+    assert out16.dtype == torch.bfloat16
+    assert torch.all((out16.double() - ref16.double()).abs() <= ref16.double().abs() * 2 ** -8 + 1e-30), \
+        "bf16 output not the nearest bf16 of the fp32 result"
+
+
+def check_grouped_gemms():
+    from kernels import fp8, triton as tk
+    counts = [0, 70, 1, 129, 0]
+    T, D, I = sum(counts), 300, 150
+    x, w, dy = _sample((T, D), 1.0), _sample((5, I, D), 1.0), _sample((T, I), 1.0)
+    xq, wq, dyq = fp8.quantize_1x128(x), fp8.quantize_128x128(w), fp8.quantize_1x128(dy)
+    for name, a, b in (("fprop", xq, wq), ("dgrad", dyq, (wq[0].transpose(1, 2), wq[1].transpose(1, 2)))):
+        ref = fp8.fp8_gemm_grouped_m(*a, *b, counts, torch.float32)
+        out = tk.fp8_gemm_grouped_m(*a, *b, counts, torch.float32)
+        assert out.shape == ref.shape, name
+        row = 0
+        for e, c in enumerate(counts):
+            _close_fp32(out[row:row + c], ref[row:row + c], fp8.dequantize(a[0][row:row + c], a[1][row:row + c]),
+                        fp8.dequantize(b[0][e], b[1][e]), f"grouped {name} expert {e}")
+            row += c
+    a, b = fp8.quantize_128x1(dy, counts=counts), fp8.quantize_128x1(xq[0], x_scale=xq[1], counts=counts)
+    ref = fp8.fp8_gemm_grouped_k(*a, *b, counts)
+    out = tk.fp8_gemm_grouped_k(*a, *b, counts)
+    scale = (fp8.decode_e4m3(a[0]).abs() @ fp8.decode_e4m3(b[0]).abs().t()) * a[1].max() * b[1].max()
+    assert torch.all((out - ref).abs() <= scale * 2 * (T + 4) * 2.0 ** -24 + 1e-30), "grouped wgrad"
+    assert not out[0].any() and not out[4].any(), "experts without rows get zero gradients"
+
+
+def check_fp8_linear_and_experts_on_triton():
+    from kernels import ops
+    from kernels.linear import fp8_linear, fp8_swiglu_experts
+    counts = [3, 0, 140, 57]
+    x = torch.randn(sum(counts), 256, device=DEVICE)
+    params = [torch.randn(4, 128, 256, device=DEVICE) * 0.05, torch.randn(4, 128, 256, device=DEVICE) * 0.05,
+              torch.randn(4, 256, 128, device=DEVICE) * 0.05, torch.randn(192, 256, device=DEVICE) * 0.05]
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.clone().requires_grad_() for t in [x] + params]
+        with ops.use_backend(backend):
+            y = fp8_swiglu_experts(leaves[0], *leaves[1:4], counts, True)
+            z = fp8_linear(y, leaves[4], True, e5m6_cache=True)
+            z.float().square().sum().backward()
+        results[backend] = [z] + [t.grad for t in leaves]
+    for i, (a, b) in enumerate(zip(results["triton"], results["reference"])):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < 1e-4, f"output/gradient {i}: triton vs reference relative error {err:.3g}"
+
+
+CHECKS = [name for name in list(globals()) if name.startswith("check_")]
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_triton_kernel_matches_reference(interpreter_results, check):
+    assert check in interpreter_results, f"{check} did not run"
+    assert interpreter_results[check] is None, interpreter_results[check]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(2)
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1 (or MOEFORGE_TRITON_DEVICE=cuda on a GPU machine)")
+    outcome = {}
+    for check in CHECKS:
+        torch.manual_seed(0)
+        try:
+            globals()[check]()
+            outcome[check] = None
+        except Exception:
+            outcome[check] = traceback.format_exc(limit=3)
+    print(json.dumps(outcome))

@@ -1,0 +1,59 @@
+"""Config errors: bad overrides exit at once with one line naming the setting and write nothing;
+cross-field checks name the settings involved."""
+import time
+
+import pytest
+
+from train_helpers import run_train
+from training import config as job_config
+from training.config import ConfigError, compose_job, validate
+
+
+@pytest.mark.parametrize("override, named", [("train.stepz=3", "train.stepz"),
+                                             ("model.n_group=3", "model.n_group"),
+                                             ("precision=fp7", "precision/fp7")])
+def test_bad_override_fails_fast_and_writes_nothing(tmp_path, override, named):
+    out_dir = tmp_path / "run"
+    start = time.perf_counter()
+    proc = run_train([override, f"out_dir={out_dir}"], timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "config error" in lines[0], proc.stderr
+    assert not out_dir.exists()
+    assert elapsed < 60
+
+
+@pytest.mark.parametrize("overrides, world, named", [
+    (["train.global_batch=10", "train.micro_batch=4"], 1, "train.global_batch (10) must be a multiple of train.micro_batch"),
+    (["train.global_batch=8", "train.micro_batch=2"], 3, "train.micro_batch x data-parallel size = 2 x 3"),
+    (["train.seq_len=2048"], 1, "train.seq_len (2048) exceeds model.max_position_embeddings (1024)"),
+    (["parallel.pp=2"], 2, "parallel.pp=2: pipeline parallelism is not yet supported"),
+    (["parallel.ep=3"], 3, "model.n_routed_experts (16) must be divisible by parallel.ep (3)"),
+    (["parallel.dp=2"], 1, "parallel.dp=2 but world size 1"),
+    (["parallel.schedule=dualpipev"], 1, "set parallel.stages_per_rank=2"),
+    (["parallel.dispatcher=ring"], 1, "parallel.dispatcher='ring' is not allowed"),
+    (["optim.decay_start_frac=0.9", "optim.decay_end_frac=0.5"], 1, "must be ordered"),
+    (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode='sometimes'"),
+    (["data=shards"], 1, "data=shards needs data.train_dir"),
+    (["train.batch_ramp_start=64"], 1, "train.batch_ramp_start (64)"),
+])
+def test_cross_field_checks(overrides, world, named):
+    cfg = compose_job(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    assert named in str(err.value)
+
+
+def test_fp8_needs_its_module(monkeypatch):
+    cfg = compose_job(["precision=fp8"])
+    monkeypatch.setattr(job_config.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="precision=fp8 needs model/fp8.py"):
+        validate(cfg, 1)
+
+
+def test_defaults_validate_and_two_ranks_share_the_batch():
+    cfg = compose_job([])
+    mcfg = validate(cfg, 1)
+    assert (cfg.model.hidden_size, mcfg.vocab_size, cfg.data.name, cfg.precision.name) == (256, 4096, "stdlib", "bf16")
+    assert job_config.data_parallel_size(compose_job(["train.global_batch=32"]), 2) == 2
