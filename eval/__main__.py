@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens the model reads at once (default: the model's max_position_embeddings)")
     p.add_argument("--delimiter", default=" ", help="choice: text between context and choice (default a space)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory or file (default: the checkpoint's)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory or file (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--samples", type=Path, default=None, help="write per-example results to this .jsonl")

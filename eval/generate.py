@@ -66,7 +66,8 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
                   device: Union[str, torch.device] = "cpu") -> Tuple[str, List[int]]:
     """Greedy text continuation of `prompt` cut before the first stop string, and the generated ids.
 
-    Special tokens (EOS, padding, FIM markers) are left out of the text. The prompt is left-truncated so that prompt + max_new_tokens fits in `context_length`.
+    Special tokens (EOS, padding, FIM markers) are left out of the text. The prompt is left-truncated
+    so that prompt + max_new_tokens fits in `context_length`.
     """
     ids = list(tokenizer.encode(prompt)) if prompt else [prefix_token(tokenizer)]
     if context_length is not None:

@@ -95,7 +95,8 @@ class MoeforgeLM(LM):
             context, kwargs = request.args
             kwargs = dict(kwargs or {})
             if kwargs.get("do_sample"):
-                raise ValueError("moeforge generates greedily only; set do_sample: false in the task's generation_kwargs")
+                raise ValueError("moeforge generates greedily only; "
+                                 "set do_sample: false in the task's generation_kwargs")
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))

@@ -15,7 +15,7 @@ import model as model_lib
 from data.tokenizer import Tokenizer, load_tokenizer
 from model.hf import find_tokenizer_dir
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_tokenizer_path(checkpoint: Union[str, Path], override: Optional[Union[str, Path]] = None) -> Path:

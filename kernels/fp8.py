@@ -178,11 +178,38 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     return acc.to(out_dtype)
 
 
-def _offsets(counts: Sequence[int]) -> List[int]:
-    offs = [0]
-    for c in counts:
-        offs.append(offs[-1] + int(c))
-    return offs
+def _pad_dim(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[dim]) % multiple
+    if not pad:
+        return x.contiguous()
+    widths = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, pad]
+    return torch.nn.functional.pad(x, widths).contiguous()
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped fp32 matmul: a [M, K] · b [E, K, N] by row groups, or a [N, M] · b [M, K] by M groups.
+
+    CPU: torch._grouped_mm, whose operands need 16-byte strides (dims zero-padded to a multiple of 4);
+    elsewhere a loop (CUDA's grouped mm takes bf16 only).
+    """
+    n = b.shape[-1]
+    if a.device.type == "cpu":
+        if b.dim() == 3:
+            out = torch._grouped_mm(_pad_dim(a, 1, 4), _pad_dim(_pad_dim(b, 1, 4), 2, 4), offs=offs)
+        else:
+            out = torch._grouped_mm(_pad_dim(a, 1, 4), _pad_dim(_pad_dim(b, 0, 4), 1, 4), offs=offs)
+        return out[..., :n]
+    bounds = [0] + offs.tolist()
+    if b.dim() == 3:
+        return torch.cat([a[lo:hi] @ b[g] for g, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    return torch.stack([a[:, lo:hi] @ b[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+
+
+def _group_index(counts: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(end offsets int32 [E], group of every row [M]) for rows sorted into groups of `counts`."""
+    sizes = torch.tensor([int(c) for c in counts], dtype=torch.long)
+    group_of_row = torch.repeat_interleave(torch.arange(len(counts)), sizes)
+    return torch.cumsum(sizes, 0).to(torch.int32).to(device), group_of_row.to(device)
 
 
 def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -190,14 +217,18 @@ def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     """Rows of a [M, K] (1x128 scales) sorted by group, counts[e] rows each: out rows of group e =
     a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and Dgrad of experts."""
     _check_gemm(a, a_scale, b, b_scale)
-    offs = _offsets(counts)
+    M, K = a.shape
+    N = b.shape[1]
+    offs, group_of_row = _group_index(counts, a.device)
     af, bf = decode_e4m3(a), decode_e4m3(b)
-    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    for e in range(len(counts)):
-        lo, hi = offs[e], offs[e + 1]
-        if hi > lo:
-            out[lo:hi] = _gemm_f32(af[lo:hi], a_scale[lo:hi], bf[e], _row_scales(b_scale[e], b.shape[1]))
-    return out
+    sb = b_scale if b_scale.shape[1] == N else b_scale.repeat_interleave(BLOCK, dim=1)[:, :N]
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        for kb in range(cdiv(K, BLOCK)):
+            ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
+            part = _grouped_mm(af[:, ks], bf[:, :, ks].transpose(1, 2), offs)
+            acc += part * a_scale[:, kb, None] * sb[group_of_row, :, kb]
+    return acc.to(out_dtype)
 
 
 def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -205,19 +236,21 @@ def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     """Per group e, a[:, cols of e] · b[:, cols of e]ᵀ -> fp32 [E, N, K]: the experts' weight gradients.
 
     a [N, M] and b [K, M] come from `quantize_128x1(..., counts=counts)` (scales [*, NB], blocks
-    restarting at every group); a group with no rows gets a zero gradient.
+    restarting at every group); every 128-column block is promoted on its own; a group with no rows
+    gets a zero gradient.
     """
-    offs = _offsets(counts)
-    af, bf = decode_e4m3(a), decode_e4m3(b)
+    starts, ends = group_blocks(counts)
     out = torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    blk = 0
-    for e in range(len(counts)):
-        lo, hi = offs[e], offs[e + 1]
-        nb = cdiv(hi - lo, BLOCK)
-        if nb:
-            out[e] = _gemm_f32(af[:, lo:hi], a_scale[:, blk:blk + nb], bf[:, lo:hi], b_scale[:, blk:blk + nb])
-        blk += nb
-    return out
+    if not starts:
+        return out
+    group_of_block = torch.repeat_interleave(
+        torch.arange(len(counts)), torch.tensor([cdiv(int(c), BLOCK) for c in counts])).to(a.device)
+    block_ends = torch.tensor(ends, dtype=torch.int32, device=a.device)
+    af, bf = decode_e4m3(a), decode_e4m3(b)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        part = _grouped_mm(af, bf.t(), block_ends)
+    part.mul_(a_scale.t()[:, :, None]).mul_(b_scale.t()[:, None, :])
+    return out.index_add_(0, group_of_block, part)
 
 
 def _round_e5m6(v: torch.Tensor) -> torch.Tensor:

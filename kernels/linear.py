@@ -73,54 +73,50 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
 
 
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
-    """Grouped SwiGLU experts down(silu(gate(x)) * up(x)) over rows sorted by expert, in FP8."""
+    """Grouped SwiGLU experts down(silu(gate(x)) * up(x)) over rows sorted by expert, in FP8.
+
+    Gate and up run as one GEMM against the weights stacked [E, 2I, D] (quantized per 128x128
+    block of the stack).
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                 counts: Sequence[int], pow2: bool) -> torch.Tensor:
         out_dtype = _out_dtype(x)
         xq, xs = ops.quantize_1x128(x, pow2)
-        gq, gs = ops.quantize_128x128(w_gate, pow2)
-        uq, us = ops.quantize_128x128(w_up, pow2)
+        guq, gus = ops.quantize_128x128(torch.cat([w_gate, w_up], dim=1), pow2)
         dq, ds = ops.quantize_128x128(w_down, pow2)
-        g = ops.fp8_gemm_grouped_m(xq, xs, gq, gs, counts, out_dtype)
-        u = ops.fp8_gemm_grouped_m(xq, xs, uq, us, counts, out_dtype)
-        hq, hs = ops.quantize_1x128(F.silu(g.float()) * u.float(), pow2)
+        gu = ops.fp8_gemm_grouped_m(xq, xs, guq, gus, counts, out_dtype)
+        g, u = gu.float().chunk(2, dim=-1)
+        hq, hs = ops.quantize_1x128(F.silu(g) * u, pow2)
         y = ops.fp8_gemm_grouped_m(hq, hs, dq, ds, counts, out_dtype)
-        guq, gus = ops.quantize_1x128(torch.cat([g, u], dim=-1), pow2)
-        ctx.save_for_backward(xq, xs, guq, gus, w_gate, w_up, w_down)
+        gu_q, gu_s = ops.quantize_1x128(gu, pow2)
+        ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate, w_up, w_down)
         ctx.counts, ctx.pow2, ctx.x_dtype = list(counts), pow2, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xq, xs, guq, gus, w_gate, w_up, w_down = ctx.saved_tensors
-        counts, pow2 = ctx.counts, ctx.pow2
-        g, u = ops.dequantize(guq, gus).chunk(2, dim=-1)
+        xq, xs, gu_q, gu_s, w_gate, w_up, w_down = ctx.saved_tensors
+        counts, pow2, inter = ctx.counts, ctx.pow2, w_gate.shape[1]
+        g, u = ops.dequantize(gu_q, gu_s).chunk(2, dim=-1)
         silu_g = F.silu(g)
-        h = silu_g * u
         dyq, dys = ops.quantize_1x128(dy, pow2)
         dq, ds = ops.quantize_128x128(w_down, pow2)
         dh = ops.fp8_gemm_grouped_m(dyq, dys, dq.transpose(1, 2), ds.transpose(1, 2), counts, torch.float32)
         dyt, dyts = ops.quantize_128x1(dy, pow2, counts=counts)
-        ht, hts = ops.quantize_128x1(h, pow2, counts=counts)
+        ht, hts = ops.quantize_128x1(silu_g * u, pow2, counts=counts)
         dw_down = ops.fp8_gemm_grouped_k(dyt, dyts, ht, hts, counts)
-        dg = dh * u * _silu_grad(g)
-        du = dh * silu_g
-        xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
+        dgu = torch.cat([dh * u * _silu_grad(g), dh * silu_g], dim=-1)
         dx = None
-        grads = []
-        for d, w in ((dg, w_gate), (du, w_up)):
-            if ctx.needs_input_grad[0]:
-                wq, ws = ops.quantize_128x128(w, pow2)
-                dq_, ds_ = ops.quantize_1x128(d, pow2)
-                part = ops.fp8_gemm_grouped_m(dq_, ds_, wq.transpose(1, 2), ws.transpose(1, 2), counts, torch.float32)
-                dx = part if dx is None else dx + part
-            dt, dts = ops.quantize_128x1(d, pow2, counts=counts)
-            grads.append(ops.fp8_gemm_grouped_k(dt, dts, xt, xts, counts))
-        if dx is not None:
-            dx = dx.to(ctx.x_dtype)
-        return dx, grads[0], grads[1], dw_down, None, None
+        if ctx.needs_input_grad[0]:
+            guq, gus = ops.quantize_128x128(torch.cat([w_gate, w_up], dim=1), pow2)
+            dguq, dgus = ops.quantize_1x128(dgu, pow2)
+            dx = ops.fp8_gemm_grouped_m(dguq, dgus, guq.transpose(1, 2), gus.transpose(1, 2), counts, ctx.x_dtype)
+        dgut, dguts = ops.quantize_128x1(dgu, pow2, counts=counts)
+        xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
+        dw_gate_up = ops.fp8_gemm_grouped_k(dgut, dguts, xt, xts, counts)
+        return dx, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down, None, None
 
 
 def fp8_swiglu_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

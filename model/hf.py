@@ -109,6 +109,7 @@ def _plan(files: Dict[str, Path], model: Transformer, hf_dir: Path) -> Dict[str,
     expected = {target_of(name, cfg): name for name, _ in hf_tensors(model)}
     expected.pop(Target(""), None)
     plan: Dict[str, Target] = {}
+    filled: Dict[Target, str] = {}
     unknown: List[str] = []
     for name in sorted(files):
         if name.endswith(SCALE_SUFFIX):
@@ -118,16 +119,15 @@ def _plan(files: Dict[str, Path], model: Transformer, hf_dir: Path) -> Dict[str,
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         target = target_of(name, cfg)
-        if target in plan.values() and target.name:
-            raise ValueError(f"{hf_dir}: tensor {name} fills the same weights as another tensor")
         if target is None or (target.name and target not in expected):
             unknown.append(name)
         elif target.name:
-            plan[name] = target
+            if target in filled:
+                raise ValueError(f"{hf_dir}: tensors {filled[target]} and {name} fill the same weights")
+            plan[name], filled[target] = target, name
     if unknown:
         raise ValueError(f"{hf_dir}: {len(unknown)} tensor(s) do not belong to the model config.json describes: "
                          f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}")
-    filled = set(plan.values())
     missing = sorted(name for target, name in expected.items() if target not in filled)
     if missing:
         raise ValueError(f"{hf_dir}: {len(missing)} tensor(s) are missing: "

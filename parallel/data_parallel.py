@@ -55,6 +55,7 @@ class _ShardGroup:
 
     def __init__(self, params: List[nn.Parameter], dim: int, group: Optional[dist.ProcessGroup]):
         self.params, self.dim, self.group = params, dim, group
+        self.device = params[0].device if params else torch.device("cpu")
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.piece = [self._piece_shape(p) for p in params]
@@ -78,13 +79,13 @@ class _ShardGroup:
     @torch.no_grad()
     def reduce_scatter(self, grads: List[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
         """Sum of every rank's gradients, this rank's pieces only (one reduce-scatter)."""
-        send = torch.empty(self.size, self.length, dtype=dtype)
+        send = torch.empty(self.size, self.length, dtype=dtype, device=self.device)
         for r in range(self.size):
             offset = 0
             for g, shape, numel in zip(grads, self.piece, self.piece_numel):
                 self._pad_into(send[r, offset:offset + numel], self.local_slice(g, r), shape)
                 offset += numel
-        recv = torch.empty(self.length, dtype=dtype)
+        recv = torch.empty(self.length, dtype=dtype, device=self.device)
         if self.group is None:
             recv.copy_(send[0])
         else:
@@ -103,12 +104,12 @@ class _ShardGroup:
         if self.group is None or self.size == 1 or not self.params:
             return
         dtype = self.params[0].dtype
-        send = torch.empty(self.length, dtype=dtype)
+        send = torch.empty(self.length, dtype=dtype, device=self.device)
         offset = 0
         for p, shape, numel in zip(self.params, self.piece, self.piece_numel):
             self._pad_into(send[offset:offset + numel], self.local_slice(p.data), shape)
             offset += numel
-        recv = torch.empty(self.size, self.length, dtype=dtype)
+        recv = torch.empty(self.size, self.length, dtype=dtype, device=self.device)
         _ALL_GATHER(recv.view(-1), send, group=self.group)
         for r in range(self.size):
             offset = 0
@@ -171,7 +172,7 @@ class Zero1:
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """L2 norm of the whole model's averaged gradient: every element is held by exactly one rank."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device if self.params else "cpu")
         for s in self.shards:
             if s.grad is not None and s.grad.numel():
                 sq += s.grad.double().pow(2).sum()

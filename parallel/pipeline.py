@@ -107,20 +107,24 @@ class Pipeline:
 
     @torch.no_grad()
     def evaluate(self, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Forward only (no router load counted); the mean main and MTP losses on every pipeline rank.
+        """Forward only (no router load counted): token-mean main and MTP losses on every pipeline rank.
 
-        Runs the stages in order with plain send/recv, one micro-batch after the other: torch's
-        runtime schedules (zbv, dualpipev) cannot run forward-only (`schedule.eval` still executes
-        their backward actions), and evaluation is rare enough not to need overlap.
+        Any number of rows [R, seq_len + 1]: they run in chunks of `micro_batch` rows (the last may be
+        smaller), stage after stage with plain send/recv. torch's runtime schedules (zbv, dualpipev)
+        cannot run forward-only (`schedule.eval` still executes their backward actions), and
+        evaluation is rare enough not to need overlap.
         """
-        inputs, labels = self._split(tokens_BT)
-        self._loss.records.clear()
+        if tokens_BT.dim() != 2 or tokens_BT.shape[1] != self.seq_len + 1:
+            raise ValueError(f"pipeline evaluation expects tokens [rows, seq_len + 1 = {self.seq_len + 1}], "
+                             f"got {list(tokens_BT.shape)}")
+        inputs, labels = tokens_BT[:, :-1], tokens_BT[:, 1:]
         was_training = self.module.training
         self.module.eval()
         local = {m.stage: m for m in self.stage_modules}
+        total = torch.zeros(2, dtype=torch.float32, device=self.device)
         try:
             for x_mb, y_mb in zip(inputs.split(self.micro_batch), labels.split(self.micro_batch)):
-                acts = (x_mb,)
+                acts = (x_mb.contiguous(),)
                 for s in range(self.n_stages):
                     owner, prev = self._stage_owner(s), self._stage_owner(s - 1) if s else None
                     if owner != self.pp_rank:
@@ -130,15 +134,17 @@ class Pipeline:
                                           group=self.pp_group)
                         continue
                     if s and prev != self.pp_rank:
-                        acts = tuple(self._recv_like(t, prev) for t in local[s].io_shapes(
-                            self.micro_batch, self.seq_len, self.module_dtype)[0])
-                    out = local[s](*acts, labels=y_mb)
+                        metas = local[s].io_shapes(x_mb.shape[0], self.seq_len, self.module_dtype)[0]
+                        acts = tuple(self._recv_like(t, prev) for t in metas)
+                    out = local[s](*acts, labels=y_mb.contiguous())
                     if s == self.n_stages - 1:
-                        self._loss.records.append(out.detach())
+                        total += out.detach().float() * x_mb.shape[0]
                     acts = out if isinstance(out, tuple) else (out,)
         finally:
             self.module.train(was_training)
-        return self._mean_losses()
+        total /= inputs.shape[0]
+        dist.broadcast(total, src=self._last_rank, group=self.pp_group)
+        return {"loss": total[0], "mtp_loss": total[1]}
 
     def _stage_owner(self, stage: int) -> int:
         return stage_rank(stage, self.pp, self.schedule_name)
@@ -152,7 +158,7 @@ class Pipeline:
         if self._loss.records:
             mean = torch.stack(self._loss.records).mean(dim=0)
         else:
-            mean = torch.zeros(2, dtype=torch.float32)
+            mean = torch.zeros(2, dtype=torch.float32, device=self.device)
         dist.broadcast(mean, src=self._last_rank, group=self.pp_group)
         return {"loss": mean[0], "mtp_loss": mean[1]}
 
@@ -194,13 +200,13 @@ class Pipeline:
         """Sum over all MoE layers of the whole model (all pipeline ranks) of the last balance loss."""
         layers = self.moe_layers()
         local = torch.stack([m.last_balance_loss for m in layers]).sum() if layers else torch.zeros(())
-        total = local.detach().float().reshape(1).clone()
+        total = local.detach().float().reshape(1).to(self.device)
         dist.all_reduce(total, group=self.pp_group)
         return total[0]
 
     def maxvio(self, load_LE: torch.Tensor) -> float:
         """MaxVio over the MoE layers of all pipeline ranks (max of each rank's local MaxVio)."""
-        value = torch.tensor([maxvio(load_LE) if load_LE.numel() else float("-inf")])
+        value = torch.tensor([maxvio(load_LE) if load_LE.numel() else float("-inf")], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.pp_group)
         return float(value[0]) if torch.isfinite(value[0]) else 0.0
 

@@ -13,7 +13,8 @@ from data.tokenizer import train_tokenizer
 from eval.__main__ import main as eval_main
 from eval.bpb import evaluate_bpb, sliding_windows
 from eval.choice import evaluate_choice, read_choice_examples
-from eval.generate import answer_matches, extract_answer, generate_text, greedy_generate, normalize_answer, read_gen_examples
+from eval.generate import (answer_matches, extract_answer, generate_text, greedy_generate, normalize_answer,
+                           read_gen_examples)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "eval" / "samples"
 CONTEXT = 64
@@ -167,11 +168,21 @@ def test_generation_stops_at_stop_string_and_fits_context(hf_pair):
         generate_text(ours, tok, prompt, CONTEXT, context_length=CONTEXT)
 
 
+def test_generation_bench_prints_blueprint_line(capsys):
+    from bench.generation import main as bench_main
+
+    assert bench_main(["--context", "24", "--new-tokens", "3", "--repeats", "1", "--threads", "1"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert set(line) >= {"bench", "case", "unit", "ours", "peer", "peer_value", "ratio"}
+    assert line["outputs_equal"] is True and line["ratio"] == pytest.approx(line["ours"] / line["peer_value"])
+
+
 def test_answer_extraction_and_normalization():
     assert extract_answer("so 3 * 4 = 12 pens.\n#### 12\nQuestion:") == "12"
     assert normalize_answer(" $1,234. ") == "1234" and normalize_answer("12.0") == "12"
     assert normalize_answer("The  Answer") == "the answer"
-    assert answer_matches("reasoning...\n#### 1,200", "#### 1200") == {"exact_match": True, "exact_match_flexible": True}
+    assert answer_matches("reasoning...\n#### 1,200", "#### 1200") == {"exact_match": True,
+                                                                      "exact_match_flexible": True}
     assert answer_matches("it is 7, then 12.", "#### 12") == {"exact_match": False, "exact_match_flexible": True}
     assert answer_matches("#### 13", "#### 12")["exact_match_flexible"] is False
     assert answer_matches(" L", "L")["exact_match"]

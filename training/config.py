@@ -50,7 +50,9 @@ class ParallelConfig:
     """Process layout: world = pp x dp x ep; dp is derived from the world size when left null.
 
     gpus_per_node null: $LOCAL_WORLD_SIZE (torchrun). dispatcher null: hierarchical when the EP group
-    spans several nodes, else flat (rules in parallel/mesh.py).
+    spans several nodes, else flat (rules in parallel/mesh.py). Pipeline (pp > 1): `schedule`,
+    `stages_per_rank` (null: 1 for 1f1b, 2 otherwise), `layers_per_stage` (null: even split; rules in
+    parallel/pipeline_stages.py). `zero`: ZeRO-1 optimizer-state sharding (parallel/data_parallel.py).
     """
     pp: int = 1
     dp: Optional[int] = None
@@ -58,7 +60,9 @@ class ParallelConfig:
     gpus_per_node: Optional[int] = None
     dispatcher: Optional[str] = None
     schedule: str = "1f1b"
-    stages_per_rank: int = 1
+    stages_per_rank: Optional[int] = None
+    layers_per_stage: Optional[List[int]] = None
+    zero: bool = False
 
 
 @dataclass
@@ -214,22 +218,38 @@ def _check_parallel(cfg: DictConfig, world_size: int, mcfg: ModelConfig) -> None
     if par.dispatcher is not None:
         _check_choice(par.dispatcher, DISPATCHERS, "parallel.dispatcher")
     _check_choice(par.schedule, SCHEDULES, "parallel.schedule")
-    if min(par.pp, par.ep, par.stages_per_rank) < 1 or (par.gpus_per_node is not None and par.gpus_per_node < 1):
-        raise ConfigError(f"parallel.pp ({par.pp}), parallel.ep ({par.ep}), parallel.gpus_per_node "
-                          f"({par.gpus_per_node}) and parallel.stages_per_rank ({par.stages_per_rank}) must be >= 1")
-    if par.schedule in ("zbv", "dualpipev") and par.stages_per_rank != 2:
-        raise ConfigError(f"parallel.schedule={par.schedule} places exactly 2 stages per rank; "
-                          f"set parallel.stages_per_rank=2 (got {par.stages_per_rank})")
+    if min(par.pp, par.ep) < 1 or (par.gpus_per_node is not None and par.gpus_per_node < 1):
+        raise ConfigError(f"parallel.pp ({par.pp}), parallel.ep ({par.ep}) and parallel.gpus_per_node "
+                          f"({par.gpus_per_node}) must be >= 1")
     if mcfg.n_routed_experts % par.ep:
         raise ConfigError(f"model.n_routed_experts ({mcfg.n_routed_experts}) must be divisible by "
                           f"parallel.ep ({par.ep})")
+    dp = data_parallel_size(cfg, world_size)
     if par.pp > 1:
-        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not yet supported by train.py; "
-                          f"use parallel.pp=1")
-    data_parallel_size(cfg, world_size)
+        _check_pipeline(cfg, dp, mcfg)
     try:
         check_layout(world_size, pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node,
                      dispatcher=par.dispatcher, n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_pipeline(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
+    """Schedule, stage layout and micro-batch count of a pipeline job (parallel/pipeline_*.py rules)."""
+    from parallel.pipeline_schedules import check_microbatches
+    from parallel.pipeline_stages import check_schedule, split_layers
+
+    par, t = cfg.parallel, cfg.train
+    if t.batch_ramp_start:
+        raise ConfigError("parallel.pp > 1 runs a fixed number of micro-batches per step; set "
+                          f"train.batch_ramp_start=0 (got {t.batch_ramp_start})")
+    if t.global_batch % (t.micro_batch * dp):
+        return  # reported by _check_train with the batch settings
+    layers = OmegaConf.to_container(par.layers_per_stage) if par.layers_per_stage is not None else None
+    try:
+        spr = check_schedule(par.schedule, par.pp, par.stages_per_rank)
+        check_microbatches(par.schedule, par.pp, spr, t.global_batch // (t.micro_batch * dp))
+        split_layers(mcfg.num_hidden_layers, par.pp * spr, layers)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

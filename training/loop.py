@@ -34,7 +34,7 @@ from .inputs import Inputs
 from .metrics import MetricsLogger
 from .optim import AdamW, set_lr
 from .schedule import Schedules
-from .step import StepResult, train_step, validate
+from .step import StepResult, parallel_train_step, parallel_validate, train_step, validate
 
 CPU_TFLOPS_PER_THREAD = {"bf16": 0.45, "fp8": 0.45, "fp32": 0.1}
 CUDA_PEAK_TFLOPS = 989.0
@@ -106,6 +106,24 @@ def expert_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig,
     return ExpertParallel(model, layout, fp8=cfg.precision.name == "fp8")
 
 
+def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, device: torch.device,
+                      ep: Optional[ExpertParallel], make_optimizer: Callable, dp: int):
+    """Pipeline stages and/or ZeRO-1 (parallel/pipeline_training.py); None when pp = 1 without ZeRO."""
+    par, t = cfg.parallel, cfg.train
+    if par.pp == 1 and not par.zero:
+        return None
+    from parallel.pipeline_training import PipelineParallel
+
+    layout = ep.layout if ep is not None else build_layout(
+        pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node, dispatcher=par.dispatcher,
+        n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group, device_type=device.type)
+    layers = OmegaConf.to_container(par.layers_per_stage) if par.layers_per_stage is not None else None
+    return PipelineParallel(model, layout, micro_batch=t.micro_batch, seq_len=t.seq_len,
+                            n_microbatches=t.global_batch // (t.micro_batch * dp), make_optimizer=make_optimizer,
+                            schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
+                            zero=par.zero)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, mcfg: ModelConfig, dist: Dist, inputs: Inputs):
         from data.dataset import PackedDataset, shard_stats
@@ -116,13 +134,18 @@ class Trainer:
         self.model = build_model(cfg, mcfg, dist.device)
         self.ep = expert_parallel(self.model, cfg, mcfg, dist.device)
         o = cfg.optim
-        self.optimizer = AdamW(self.model.named_parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                               weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
-                               moments_dtype=o.moments_dtype)
+
+        def make_optimizer(named):
+            return AdamW(named, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                         decay_embeddings=o.decay_embeddings, moments_dtype=o.moments_dtype)
+
+        self.par = pipeline_parallel(self.model, cfg, mcfg, dist.device, self.ep, make_optimizer, self.dp)
+        self.optimizer = self.par.optimizer if self.par else make_optimizer(self.model.named_parameters())
         self.schedules = Schedules(cfg.optim, cfg.train, cfg.train.micro_batch * self.dp)
         self.dataset = PackedDataset(inputs.train_dir, cfg.train.seq_len, seed=cfg.seed,
                                      tokenizer_info=inputs.tokenizer, fim_rate=cfg.data.fim_rate,
-                                     split_rate=cfg.data.split_rate, dp_rank=dist.rank, dp_world=self.dp)
+                                     split_rate=cfg.data.split_rate,
+                                     dp_rank=self.par.replica if self.par else dist.rank, dp_world=self.dp)
         self.bytes_per_token = shard_stats(inputs.val_dir)["bytes_per_token"]
         self.autocast = autocast_for(cfg.precision.name, dist.device)
         self.flops_per_token = flops_per_token(mcfg, cfg.train.seq_len)
@@ -131,6 +154,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> Dict[str, Any]:
+        if self.par is not None:
+            return self.par.checkpoint_state()
         state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
         return self.ep.checkpoint_state(state) if self.ep else state
 
@@ -153,9 +178,12 @@ class Trainer:
         if found is None:
             return None
         path, train = found
-        state = self.ep.local_state(state) if self.ep else state
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
+        if self.par is not None:
+            self.par.load_checkpoint_state(state)
+        else:
+            state = self.ep.local_state(state) if self.ep else state
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optim"])
         self.progress = Progress(step=int(train["step"]), tokens=int(train["tokens"]),
                                  skipped_steps=int(train["skipped_steps"]),
                                  skipped_in_row=int(train["skipped_in_row"]), elapsed=float(train["elapsed"]))
@@ -171,10 +199,15 @@ class Trainer:
         batch = s.batch_size(p.tokens)
         rows = self.dataset.next_batch(batch).to(self.dist.device)
         set_lr(self.optimizer, s.lr(p.tokens + batch * cfg.train.seq_len))
-        result = train_step(self.model, self.optimizer, list(rows.split(cfg.train.micro_batch)),
-                            mtp_lambda=s.mtp_lambda(p.tokens), gamma=s.bias_gamma(p.tokens),
-                            alpha=self.mcfg.aux_loss_alpha, grad_clip=cfg.optim.grad_clip,
-                            autocast=self.autocast, dist=self.dist, ep=self.ep)
+        if self.par is not None:
+            result = parallel_train_step(self.par, rows, mtp_lambda=s.mtp_lambda(p.tokens),
+                                         gamma=s.bias_gamma(p.tokens), alpha=self.mcfg.aux_loss_alpha,
+                                         grad_clip=cfg.optim.grad_clip, autocast=self.autocast, ep=self.ep)
+        else:
+            result = train_step(self.model, self.optimizer, list(rows.split(cfg.train.micro_batch)),
+                                mtp_lambda=s.mtp_lambda(p.tokens), gamma=s.bias_gamma(p.tokens),
+                                alpha=self.mcfg.aux_loss_alpha, grad_clip=cfg.optim.grad_clip,
+                                autocast=self.autocast, dist=self.dist, ep=self.ep)
         p.step += 1
         p.tokens += batch * cfg.train.seq_len
         p.skipped_steps += result.skipped
@@ -187,8 +220,11 @@ class Trainer:
         e = self.cfg.eval
         batches = eval_batches(self.inputs.val_dir, self.cfg.train.seq_len, e.batch_size, max_batches=e.batches,
                                eos_id=self.inputs.tokenizer.eos_id)
-        val_loss, val_bpb = validate(self.model, batches, self.bytes_per_token, autocast=self.autocast,
-                                     dist=self.dist)
+        if self.par is not None:
+            val_loss, val_bpb = parallel_validate(self.par, batches, self.bytes_per_token, autocast=self.autocast)
+        else:
+            val_loss, val_bpb = validate(self.model, batches, self.bytes_per_token, autocast=self.autocast,
+                                         dist=self.dist)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
     def _stop_requested(self, stop: StopSignal) -> bool:

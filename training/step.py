@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -21,6 +21,9 @@ from parallel.expert_parallel import ExpertParallel
 
 from .distributed import Dist
 from .optim import AdamW, clip_grads, grad_norm
+
+if TYPE_CHECKING:
+    from parallel.pipeline_training import PipelineParallel
 
 
 @dataclass
@@ -80,6 +83,40 @@ def train_step(model: Transformer, optimizer: AdamW, micro_batches: List[torch.T
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, mtp_loss=mtp_loss, balance_loss=balance, grad_norm=norm,
                       maxvio=maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {})
+
+
+def parallel_train_step(par: "PipelineParallel", rows: torch.Tensor, *, mtp_lambda: float, gamma: float,
+                        alpha: float, grad_clip: float, autocast: Callable[[], AbstractContextManager],
+                        ep: Optional[ExpertParallel] = None) -> StepResult:
+    """`train_step` for pipeline parallelism and/or ZeRO-1 (parallel/pipeline_training.py): this
+    replica's `rows` ([micro-batches x b, S+1]) run through the pipeline schedule (or one micro-batch
+    after the other when pp = 1); same reductions, skip rule, clipping and bias update."""
+    if ep is not None:
+        ep.dispatcher.reset_traffic()
+    sums = par.forward_backward(rows, mtp_lambda=mtp_lambda, alpha=alpha, autocast=autocast)
+    par.reduce_gradients()
+    norm = float(par.grad_norm())
+    load_LE = par.expert_load()
+    loss, mtp_loss, balance = par.mean_over_replicas(sums).tolist()
+    skipped = not (math.isfinite(loss) and math.isfinite(mtp_loss) and math.isfinite(norm))
+    if skipped:
+        par.reset_expert_load()
+    else:
+        par.clip_grads(norm, grad_clip)
+        par.optimizer.step()
+        par.update_router_bias(gamma, load_LE)
+    par.zero_grad()
+    return StepResult(loss=loss, mtp_loss=mtp_loss, balance_loss=balance, grad_norm=norm,
+                      maxvio=par.maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {})
+
+
+def parallel_validate(par: "PipelineParallel", batches, bytes_per_token: float, *,
+                      autocast: Callable[[], AbstractContextManager]) -> Tuple[float, float]:
+    """`validate` through `PipelineParallel.validate` (batches split over the data-parallel replicas)."""
+    nll_sum, count = par.validate(batches, autocast)
+    if count == 0:
+        raise ValueError("validation split produced no batches; lower eval.batch_size or train.seq_len")
+    return nll_sum / count, bits_per_byte(nll_sum, count * bytes_per_token)
 
 
 @torch.no_grad()
