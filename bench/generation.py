@@ -7,7 +7,9 @@ random `configs/model/<name>.yaml` (default tiny, MTP off) in eval mode; the pro
 random tokens. Each timed run generates `new_tokens` tokens; the per-token time is the mean over
 the steps after the first (the first step reads the whole prompt in both ways). The two ways run
 alternately, `repeats` times after a warm-up, and the medians are compared; their tokens must be
-equal (the command fails otherwise). Prints one JSON line:
+equal (the command fails otherwise). Both use the same number of CPU threads, 1 by default: a
+decoding step is a chain of small operations that a second thread does not speed up, and whose
+synchronization makes timings erratic on a busy machine. Prints one JSON line:
 {"bench": "generation", "case": ..., "unit": "s/token", "ours": cached, "peer": "full prefix recompute",
  "peer_value": recompute, "ratio": cached/recompute, "outputs_equal": true}.
 """
@@ -66,7 +68,8 @@ def measure(config: str = "tiny", context: int = 512, new_tokens: int = 16, repe
             outputs[use_cache], seconds = timed_generate(model, prompt, new_tokens, use_cache, dev)
             times[use_cache].append(seconds)
     cached, recompute = statistics.median(times[True]), statistics.median(times[False])
-    return {"bench": "generation", "case": f"greedy_{config}_ctx{context}_{new_tokens}tok_{dev.type}",
+    where = f"{torch.get_num_threads()}threads" if dev.type == "cpu" else dev.type
+    return {"bench": "generation", "case": f"greedy_{config}_ctx{context}_{new_tokens}tok_{where}",
             "unit": "s/token", "ours": cached, "peer": PEER, "peer_value": recompute,
             "ratio": cached / recompute, "outputs_equal": outputs[True] == outputs[False]}
 
@@ -77,7 +80,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--context", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for both ways (default 1: batch-1 decoding is a chain of small ops)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

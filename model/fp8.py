@@ -7,15 +7,20 @@ calls `kernels.linear`; parameters, names, state_dict and hooks are untouched, s
 checkpoints built before or after keep working. Kept in BF16/FP32 per the recipe: the embedding,
 the output head, the router, the norms, the attention core and the MoE combine. The input of the
 linear after attention (`self_attn.o_proj`) is cached for backward in E5M6.
+
+Memory (section 3.2.3 "recomputation of RMSNorm"): RMSNorms keep only their input for backward and
+recompute the normalization there, instead of also holding the fp32 normalized output.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.linear import fp8_linear, fp8_swiglu_experts
 
 from .moe import MLP, GroupedExperts
+from .norm import RMSNorm
 
 KEPT_HIGH_PRECISION = ("lm_head",)
 E5M6_CACHED = ("self_attn.o_proj",)
@@ -53,7 +58,38 @@ class FP8GroupedExperts(GroupedExperts):
         return fp8_swiglu_experts(x_ND, w_gate, w_up, self.down_proj, counts_E.tolist(), self.fp8_pow2)
 
 
-_FP8_CLASS = {nn.Linear: FP8Linear, MLP: FP8MLP, GroupedExperts: FP8GroupedExperts}
+class _RecomputedRMSNormFunction(torch.autograd.Function):
+    """RMSNorm.forward's exact computation, saving only (x, weight); backward recomputes it."""
+
+    @staticmethod
+    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _RecomputedRMSNormFunction._norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            x_, w_ = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            y = _RecomputedRMSNormFunction._norm(x_, w_, ctx.eps)
+            dx, dw = torch.autograd.grad(y, (x_, w_), dy)
+        return dx, dw, None
+
+
+class RecomputedRMSNorm(RMSNorm):
+    """RMSNorm that caches only its input for backward (same outputs and gradients)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RecomputedRMSNormFunction.apply(x, self.weight, self.eps)
+
+
+_FP8_CLASS = {nn.Linear: FP8Linear, MLP: FP8MLP, GroupedExperts: FP8GroupedExperts,
+              RMSNorm: RecomputedRMSNorm}
 _FP8_CLASS.update({c: c for c in list(_FP8_CLASS.values())})
 
 
@@ -69,17 +105,20 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
     """
     inside_swiglu = set()
     for name, module in model.named_modules():
-        if id(module) in inside_swiglu or not isinstance(module, (nn.Linear, MLP, GroupedExperts)):
+        if id(module) in inside_swiglu or not isinstance(module, (nn.Linear, MLP, GroupedExperts, RMSNorm)):
             continue
         if isinstance(module, nn.Linear) and _is_kept(name):
             continue
         fp8_cls = _FP8_CLASS.get(type(module))
         if fp8_cls is None:
             raise TypeError(f"apply_fp8: {name} is a {type(module).__name__}, a subclass the FP8 recipe "
-                            f"does not know; supported: nn.Linear, model.moe.MLP, model.moe.GroupedExperts")
+                            f"does not know; supported: nn.Linear, model.moe.MLP, model.moe.GroupedExperts, "
+                            f"model.norm.RMSNorm")
         if isinstance(module, nn.Linear) and module.bias is not None:
             raise ValueError(f"apply_fp8: {name} has a bias; the FP8 Linear supports bias-free linears only")
         module.__class__ = fp8_cls
+        if fp8_cls is RecomputedRMSNorm:
+            continue
         module.fp8_pow2 = pow2_scales
         if fp8_cls is FP8Linear:
             module.fp8_e5m6_cache = any(name.endswith(n) for n in E5M6_CACHED)
@@ -90,5 +129,5 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
 
 def fp8_modules(model: nn.Module) -> dict:
     """Names of the modules `apply_fp8` switched, by kind (for logging and tests)."""
-    kinds = {"linear": FP8Linear, "mlp": FP8MLP, "experts": FP8GroupedExperts}
+    kinds = {"linear": FP8Linear, "mlp": FP8MLP, "experts": FP8GroupedExperts, "norm": RecomputedRMSNorm}
     return {k: [n for n, m in model.named_modules() if isinstance(m, cls)] for k, cls in kinds.items()}

@@ -155,10 +155,11 @@ class Pipeline:
         return buf
 
     def _mean_losses(self) -> Dict[str, torch.Tensor]:
+        """Mean over the micro-batches (float64, like gradient accumulation's bookkeeping), on every rank."""
         if self._loss.records:
-            mean = torch.stack(self._loss.records).mean(dim=0)
+            mean = torch.stack(self._loss.records).double().mean(dim=0)
         else:
-            mean = torch.zeros(2, dtype=torch.float32, device=self.device)
+            mean = torch.zeros(2, dtype=torch.float64, device=self.device)
         dist.broadcast(mean, src=self._last_rank, group=self.pp_group)
         return {"loss": mean[0], "mtp_loss": mean[1]}
 

@@ -92,19 +92,33 @@ class PipelineParallel:
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """L2 norm of the whole model's reduced gradient (every element counted once)."""
+        """L2 norm of the whole model's reduced gradient (every element counted once).
+
+        Without ZeRO-1 it is computed like one process does (`training.optim.grad_norm`: the norm of
+        the per-parameter fp64 norms, in the model's parameter order), so a pipeline-only run clips
+        exactly as one process does; an expert tensor's norm combines the squared norms of its EP shards.
+        """
         if self.zero is not None:
             return self.zero.grad_norm()
-        sq = torch.zeros(2, dtype=torch.float64, device=self.device)
+        index = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
+        norms = torch.zeros(len(index), dtype=torch.float64, device=self.device)
+        present = torch.zeros(len(index), device=self.device)
+        expert = torch.zeros(len(index), dtype=torch.bool, device=self.device)
         for name, p in self.named:
             if p.grad is not None:
-                sq[int(is_expert_param(name) and self.layout.ep > 1)] += p.grad.double().square().sum()
+                i = index[name]
+                norms[i] = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+                present[i] = 1.0
+                expert[i] = is_expert_param(name) and self.layout.ep > 1
         if self.layout.ep > 1:
-            dist.all_reduce(sq[1:], group=self.layout.ep_group)
-        total = sq.sum().reshape(1)
+            squares = torch.where(expert, norms.square(), torch.zeros_like(norms))
+            dist.all_reduce(squares, group=self.layout.ep_group)
+            norms = torch.where(expert, squares.sqrt(), norms)
         if self.layout.pp > 1:
-            dist.all_reduce(total, group=self.layout.pp_group)
-        return total[0].sqrt().float()
+            dist.all_reduce(norms, group=self.layout.pp_group)
+            dist.all_reduce(present, group=self.layout.pp_group)
+        kept = norms[present > 0]
+        return torch.linalg.vector_norm(kept) if kept.numel() else torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
     def clip_grads(self, total_norm: float, max_norm: float) -> None:

@@ -1,0 +1,107 @@
+"""FP8 vs BF16 training loss: the relative gap of DeepSeek-V3's FP8 recipe (section 3.3, target < 0.25%).
+
+Two runs of the same model from the same initialization on the same batches (the built-in
+standard-library corpus, `data.builtin.stdlib_corpus`, cached under .cache/data like `train.py`'s
+default job): one under bf16 autocast, one with `model.fp8.apply_fp8` on top. AdamW (β 0.9/0.95,
+wd 0.1, clip 1.0), linear warmup then cosine decay, MTP weight 0.3, router bias update γ = 0.001.
+The figure is the main cross-entropy averaged over the last 20% of steps; ratio = fp8 / bf16, so the
+relative gap is ratio - 1. Progress goes to stderr, one JSON line per case to stdout.
+
+    python -m bench.fp8_loss [--steps 300] [--batch 4] [--seq-len 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+import yaml
+
+from model import ModelConfig, Transformer, lm_loss
+from model.fp8 import apply_fp8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batches(cfg: ModelConfig, steps: int, batch: int, seq_len: int, seed: int) -> List[torch.Tensor]:
+    """`steps` batches [batch, seq_len + 1] of the built-in corpus (no FIM), the same for both runs."""
+    from data.builtin import stdlib_corpus
+    from data.dataset import PackedDataset
+    from data.tokenizer import load_tokenizer
+
+    corpus = stdlib_corpus(ROOT / ".cache" / "data", cfg.vocab_size)
+    data = PackedDataset(corpus.train_dir, seq_len, seed=seed, tokenizer_info=load_tokenizer(corpus.tokenizer_dir),
+                         fim_rate=0.0)
+    return [data.next_batch(batch) for _ in range(steps)]
+
+
+def train(cfg: ModelConfig, data: List[torch.Tensor], fp8: bool, lr: float, seed: int) -> List[float]:
+    """Main-loss curve of one run."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg).train()
+    if fp8:
+        apply_fp8(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    steps, warmup = len(data), max(1, len(data) // 10)
+    losses, t0 = [], time.perf_counter()
+    for step, tokens in enumerate(data):
+        scale = (step + 1) / warmup if step < warmup else \
+            0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lm_loss(model, tokens)
+        (out["loss"] + 0.3 * out["mtp_loss"]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_bias(0.001)
+        losses.append(out["loss"].item())
+        if step % 50 == 0 or step == steps - 1:
+            print(f"{'fp8' if fp8 else 'bf16'} step {step} loss {losses[-1]:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return losses
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 5:
+        raise SystemExit(f"--steps must be >= 5 (the last 20% are averaged), got {args.steps}")
+    cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "model" / f"{args.model}.yaml").read_text()))
+    torch.set_num_threads(2)
+    data = batches(cfg, args.steps, args.batch, args.seq_len, args.seed)
+    curves, seconds = {}, {}
+    for name in ("bf16", "fp8"):
+        t0 = time.perf_counter()
+        curves[name] = train(cfg, data, name == "fp8", args.lr, args.seed)
+        seconds[name] = time.perf_counter() - t0
+    tail = max(1, args.steps // 5)
+    mean = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
+    case = (f"{args.model}, {args.steps} steps x {args.batch}x{args.seq_len} tokens, stdlib corpus, "
+            f"mean main loss over the last {tail} steps")
+    print(json.dumps({"bench": "fp8_loss", "case": case, "unit": "loss", "ours": round(mean["fp8"], 5),
+                      "peer": "bf16 autocast", "peer_value": round(mean["bf16"], 5),
+                      "ratio": round(mean["fp8"] / mean["bf16"], 5)}), flush=True)
+    print(json.dumps({"bench": "fp8_loss", "case": f"{args.model}, seconds per step on this CPU (reference kernels)",
+                      "unit": "s/step", "ours": round(seconds["fp8"] / args.steps, 3), "peer": "bf16 autocast",
+                      "peer_value": round(seconds["bf16"] / args.steps, 3),
+                      "ratio": round(seconds["fp8"] / seconds["bf16"], 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
