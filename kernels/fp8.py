@@ -215,20 +215,16 @@ def _group_index(counts: Sequence[int], device: torch.device) -> Tuple[torch.Ten
 def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                        counts: Sequence[int], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Rows of a [M, K] (1x128 scales) sorted by group, counts[e] rows each: out rows of group e =
-    a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and Dgrad of experts."""
+    a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and Dgrad of experts.
+
+    The scales are applied to the operands in fp32 and each group's product accumulates in fp32:
+    `fp8_gemm`'s per-block promotion up to fp32 rounding, in one grouped matmul.
+    """
     _check_gemm(a, a_scale, b, b_scale)
-    M, K = a.shape
-    N = b.shape[1]
-    offs, group_of_row = _group_index(counts, a.device)
-    af, bf = decode_e4m3(a), decode_e4m3(b)
-    sb = b_scale if b_scale.shape[1] == N else b_scale.repeat_interleave(BLOCK, dim=1)[:, :N]
-    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    offs, _ = _group_index(counts, a.device)
     with torch.autocast(device_type=a.device.type, enabled=False):
-        for kb in range(cdiv(K, BLOCK)):
-            ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
-            part = _grouped_mm(af[:, ks], bf[:, :, ks].transpose(1, 2), offs)
-            acc += part * a_scale[:, kb, None] * sb[group_of_row, :, kb]
-    return acc.to(out_dtype)
+        out = _grouped_mm(dequantize(a, a_scale), dequantize(b, b_scale).transpose(1, 2), offs)
+    return out.to(out_dtype)
 
 
 def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -236,21 +232,19 @@ def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     """Per group e, a[:, cols of e] · b[:, cols of e]ᵀ -> fp32 [E, N, K]: the experts' weight gradients.
 
     a [N, M] and b [K, M] come from `quantize_128x1(..., counts=counts)` (scales [*, NB], blocks
-    restarting at every group); every 128-column block is promoted on its own; a group with no rows
-    gets a zero gradient.
+    restarting at every group); a group with no rows gets a zero gradient. Accumulation as in
+    `fp8_gemm_grouped_m`.
     """
     starts, ends = group_blocks(counts)
-    out = torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
     if not starts:
-        return out
-    group_of_block = torch.repeat_interleave(
-        torch.arange(len(counts)), torch.tensor([cdiv(int(c), BLOCK) for c in counts])).to(a.device)
-    block_ends = torch.tensor(ends, dtype=torch.int32, device=a.device)
-    af, bf = decode_e4m3(a), decode_e4m3(b)
+        return torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    sizes = torch.tensor(ends) - torch.tensor(starts)
+    block_of_col = torch.repeat_interleave(torch.arange(len(starts)), sizes).to(a.device)
+    offs, _ = _group_index(counts, a.device)
+    a_deq = decode_e4m3(a) * a_scale[:, block_of_col]
+    b_deq = decode_e4m3(b) * b_scale[:, block_of_col]
     with torch.autocast(device_type=a.device.type, enabled=False):
-        part = _grouped_mm(af, bf.t(), block_ends)
-    part.mul_(a_scale.t()[:, :, None]).mul_(b_scale.t()[:, None, :])
-    return out.index_add_(0, group_of_block, part)
+        return _grouped_mm(a_deq, b_deq.t(), offs)
 
 
 def _round_e5m6(v: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,10 @@ hops, summing the copies of a row at every level. No token is ever dropped; coun
 Autograd: `_Dispatch` (hidden rows + gate weights) and `_Combine` are autograd Functions whose
 backward is the reverse all-to-all (FACTS.md: `dist.all_to_all` with uneven lists fails on gloo, so
 everything is `all_to_all_single`). With `fp8=True` the hidden rows travel as e4m3 + 1x128 scales
-(quantized once at the source, forwarded as bytes), the gradient flows straight through in the input
-dtype; combine is always in the input dtype (BF16 in bf16 training), accumulated in fp32.
+(quantized once at the source, forwarded as bytes) and the gradient flows straight through. Other
+rows (hidden rows without FP8, combine partial sums, gradients) travel in the *wire dtype*: BF16
+inside bf16 autocast (the routed experts still compute in the parameters' dtype), else the input's
+dtype; sums of copies are accumulated in fp32 and the layer returns the input's dtype.
 """
 from __future__ import annotations
 
@@ -88,40 +90,54 @@ def _backward_rows(y: torch.Tensor, hop: Hop, group) -> torch.Tensor:
 
 
 class _Dispatch(torch.autograd.Function):
-    """(x_TD, w_TK) -> (x_CD, w_CK) at the last hop's receivers; backward = reverse hops + sum."""
+    """(x_TD, w_TK) -> (x_CD, w_CK) at the last hop's receivers; backward = reverse hops + sum.
+
+    Hidden rows travel as `wire` dtype (or FP8 rows) and arrive in x's dtype; gate weights in fp32.
+    """
 
     @staticmethod
-    def forward(ctx, x_TD, w_TK, hops: List[Hop], group, fp8: bool):
-        ctx.hops, ctx.group = hops, group
-        payload = quantize_rows_fp8(x_TD) if fp8 else x_TD
+    def forward(ctx, x_TD, w_TK, hops: List[Hop], group, fp8: bool, wire: torch.dtype):
+        ctx.hops, ctx.group, ctx.wire = hops, group, wire
+        payload = quantize_rows_fp8(x_TD) if fp8 else x_TD.to(wire)
         w = w_TK
         for hop in hops:
             payload, w = _forward_rows(payload, hop, group), _forward_rows(w, hop, group)
-        x = dequantize_rows_fp8(payload, x_TD.shape[1], x_TD.dtype) if fp8 else payload
+        x = dequantize_rows_fp8(payload, x_TD.shape[1], x_TD.dtype) if fp8 else payload.to(x_TD.dtype)
         return x, w
 
     @staticmethod
     def backward(ctx, grad_x, grad_w):
+        dtype, grad_x = grad_x.dtype, grad_x.to(ctx.wire)
         for hop in reversed(ctx.hops):
             grad_x, grad_w = _backward_rows(grad_x, hop, ctx.group), _backward_rows(grad_w, hop, ctx.group)
-        return grad_x, grad_w, None, None, None
+        return grad_x.to(dtype), grad_w, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
-    """Partial outputs y_CD at the receivers -> y_TD at the sources (copies summed at every hop)."""
+    """Partial outputs y_CD at the receivers -> y_TD at the sources (copies summed at every hop, in
+    fp32, sent as `wire` dtype); the output keeps y_CD's dtype."""
 
     @staticmethod
-    def forward(ctx, y_CD, hops: List[Hop], group):
-        ctx.hops, ctx.group = hops, group
+    def forward(ctx, y_CD, hops: List[Hop], group, wire: torch.dtype):
+        ctx.hops, ctx.group, ctx.wire = hops, group, wire
+        y = y_CD.to(wire)
         for hop in reversed(hops):
-            y_CD = _backward_rows(y_CD, hop, group)
-        return y_CD
+            y = _backward_rows(y, hop, group)
+        return y.to(y_CD.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
+        dtype, grad_y = grad_y.dtype, grad_y.to(ctx.wire)
         for hop in ctx.hops:
             grad_y = _forward_rows(grad_y, hop, ctx.group)
-        return grad_y, None, None
+        return grad_y.to(dtype), None, None, None
+
+
+def wire_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of hidden rows on the wire: the autocast dtype (BF16) inside autocast, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def run_local_experts(experts: GroupedExperts, x_CD: torch.Tensor, idx_CK: torch.Tensor,
@@ -192,17 +208,18 @@ class ExpertParallelDispatcher:
             for experts_per_peer, peers in self.hop_layout(experts.num_experts):
                 hop, idx = plan_hop(idx, experts_per_peer, peers, self.group, self.ep_size)
                 hops.append(hop)
-        self._account(hops, x_TD, topk_idx_TK.shape[1])
-        x_CD, w_CK = _Dispatch.apply(x_TD, topk_weight_TK.float(), hops, self.group, self.fp8)
+        wire = wire_dtype(x_TD)
+        self._account(hops, x_TD.shape[1], wire, topk_idx_TK.shape[1])
+        x_CD, w_CK = _Dispatch.apply(x_TD, topk_weight_TK.float(), hops, self.group, self.fp8, wire)
         y_CD = run_local_experts(experts, x_CD, idx, w_CK)
-        return _Combine.apply(y_CD, hops, self.group)
+        return _Combine.apply(y_CD, hops, self.group, wire)
 
-    def _account(self, hops: List[Hop], x_TD: torch.Tensor, top_k: int) -> None:
-        D = x_TD.shape[1]
-        payload = fp8_row_bytes(D) if self.fp8 else D * x_TD.element_size()
+    def _account(self, hops: List[Hop], D: int, wire: torch.dtype, top_k: int) -> None:
+        row = D * torch.finfo(wire).bits // 8
+        payload = fp8_row_bytes(D) if self.fp8 else row
         for hop in hops:
             self.traffic.add("dispatch", hop.send_counts, payload)
-            self.traffic.add("combine", hop.recv_counts, D * x_TD.element_size())
+            self.traffic.add("combine", hop.recv_counts, row)
             self.traffic.add("meta", hop.send_counts, top_k * 8)
             self.traffic.add("meta", [1] * self.ep_size, 8)
         if hops:

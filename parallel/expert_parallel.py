@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from model.moe import GroupedExperts
 from model.transformer import Transformer
 
 from .dispatch import ExpertParallelDispatcher, make_dispatcher
@@ -39,18 +39,23 @@ def is_expert_param(name: str) -> bool:
 
 @torch.no_grad()
 def shard_experts(model: Transformer, ep_rank: int, ep: int, dispatcher: Callable) -> Transformer:
-    """Replace every MoE's experts by this rank's slice (weights copied) and install `dispatcher`."""
+    """Keep only this rank's slice of every MoE's routed experts and install `dispatcher`.
+
+    The expert module stays the same object (same class, e.g. the FP8 experts of `model/fp8.py`);
+    its stacked weights are replaced by copies of rows [ep_rank * E/ep, (ep_rank + 1) * E/ep), so the
+    full tensors are freed. Build the optimizer afterwards.
+    """
     for moe in model.moe_layers():
-        full = moe.experts
-        if full.num_experts % ep:
-            raise ValueError(f"model.n_routed_experts ({full.num_experts}) must be divisible by parallel.ep ({ep})")
-        per_rank = full.num_experts // ep
+        experts = moe.experts
+        if experts.num_experts % ep:
+            raise ValueError(f"model.n_routed_experts ({experts.num_experts}) must be divisible by "
+                             f"parallel.ep ({ep})")
+        per_rank = experts.num_experts // ep
         rows = slice(ep_rank * per_rank, (ep_rank + 1) * per_rank)
-        local = GroupedExperts(per_rank, full.dim, full.inter_dim).to(full.gate_up_proj.device,
-                                                                        full.gate_up_proj.dtype)
-        local.gate_up_proj.copy_(full.gate_up_proj[rows])
-        local.down_proj.copy_(full.down_proj[rows])
-        moe.experts = local
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(full[rows].clone(), requires_grad=full.requires_grad))
+        experts.num_experts = per_rank
         moe.dispatcher = dispatcher
     return model
 

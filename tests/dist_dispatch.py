@@ -60,7 +60,8 @@ def routing(kind, T, gen, n_nodes, banned):
     return scores.topk(K, dim=-1).indices
 
 
-def run_case(layout, dispatcher_name, kind, fp8, dtype, seed):
+def run_case(layout, dispatcher_name, kind, fp8, dtype, seed, amp=False):
+    """amp: fp32 tensors under bf16 autocast (rows travel as bf16, the experts compute in fp32)."""
     ep_ranks = dist.get_process_group_ranks(layout.ep_group)
     counts = [TOKENS_PER_RANK[r] for r in ep_ranks]
     gen = torch.Generator().manual_seed(seed)
@@ -78,7 +79,8 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed):
     full = full.to(dtype)
 
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = LocalDispatcher()(fake_fp8(xr) if fp8 else xr, idx, wr, full)
+    xin = fake_fp8(xr) if fp8 else (xr + (xr.bfloat16().float() - xr).detach() if amp else xr)
+    ref = LocalDispatcher()(xin, idx, wr, full)
     (ref.float() * gy.float()).sum().backward()
 
     lo = sum(counts[: layout.ep_rank])
@@ -90,11 +92,12 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed):
         local.down_proj.copy_(full.down_proj[rows])
     disp = make_dispatcher(dispatcher_name, layout.ep_group, layout.gpus_per_node, fp8=fp8)
     xm, wm = x[lo:hi].clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
-    out = disp(xm, idx[lo:hi], wm, local)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = disp(xm, idx[lo:hi], wm, local)
     (out.float() * gy[lo:hi].float()).sum().backward()
 
-    tag = f"{dispatcher_name} ep={layout.ep} gpn={layout.gpus_per_node} {kind} fp8={fp8} {dtype}"
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=2e-2)
+    tag = f"{dispatcher_name} ep={layout.ep} gpn={layout.gpus_per_node} {kind} fp8={fp8} {dtype} amp={amp}"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 and not amp else dict(rtol=3e-2, atol=2e-2)
     check(f"{tag} dtype", out.dtype == dtype and out.shape == (hi - lo, D))
     close(f"{tag} output", out, ref.detach()[lo:hi], **tol)
     close(f"{tag} grad x", xm.grad, xr.grad[lo:hi], **tol)
@@ -119,7 +122,8 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed):
     if kind == "router":
         check(f"{tag} node limit", max(disp.last_nodes_per_token.tolist(), default=0) <= 1)
     remote_nodes = int(hit_TN.sum()) - int(hit_TN[:, my_node].sum())
-    row = (256 + 8) if fp8 else D * x.element_size()
+    wire_bytes = 2 if amp else x.element_size()
+    row = (256 + 8) if fp8 else D * wire_bytes
     rank_TK = idx[lo:hi] // per_rank
     hit_TR = torch.zeros(hi - lo, layout.ep, dtype=torch.bool).scatter_(1, rank_TK, True)
     other_node = torch.tensor([layout.node_of(r) != my_node for r in range(layout.ep)])
@@ -138,7 +142,7 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed):
     dist.all_reduce(intra, group=layout.ep_group)
     check(f"{tag} intranode bytes (EP group total)", intra[0] == intra[1], f"{intra.tolist()}")
     sent_back = remote_nodes if dispatcher_name == "hierarchical" else flat_copies
-    combine = torch.tensor([combine_internode, sent_back * D * x.element_size()], dtype=torch.float64)
+    combine = torch.tensor([combine_internode, sent_back * D * wire_bytes], dtype=torch.float64)
     dist.all_reduce(combine, group=layout.ep_group)
     check(f"{tag} combine internode bytes (EP group total)", combine[0] == combine[1], f"{combine.tolist()}")
     disp.reset_traffic()
@@ -165,6 +169,8 @@ def main():
                 hier, flat = bytes_seen["hierarchical", fp8][0], bytes_seen["flat", fp8][0]
                 check(f"hier <= flat ep={layout.ep} {kind} fp8={fp8}", hier <= flat, f"{hier} > {flat}")
     bf16 = {fp8: run_case(layouts[0], "hierarchical", "uniform", fp8, torch.bfloat16, 99) for fp8 in (False, True)}
+    for name in ("flat", "hierarchical"):
+        run_case(layouts[0], name, "skewed", False, torch.float32, 98, amp=True)
     total = torch.tensor([bf16[False][0], bf16[True][0]], dtype=torch.float64)
     dist.all_reduce(total)
     check("fp8 payload <= 0.55 x bf16", total[0] > 0 and total[1] <= 0.55 * total[0], f"{total.tolist()}")

@@ -92,9 +92,10 @@ def test_import_of_save_pretrained_matches_transformers(case, tmp_path):
     torch.testing.assert_close(our_logits(load(tmp_path / "hf")), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_export_loads_in_transformers(case, tmp_path):
-    ours = our_model(our_config(case, num_nextn_predict_layers=1))
+@pytest.mark.parametrize("case,tied", [("qlora_groups_yarn", False), ("no_qlora_two_dense", False),
+                                       ("qlora_groups_yarn", True)])
+def test_export_loads_in_transformers(case, tied, tmp_path):
+    ours = our_model(our_config(case, num_nextn_predict_layers=1, tie_word_embeddings=tied))
     export_hf(ours, tmp_path, max_shard_bytes=64 * 1024)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -107,6 +108,12 @@ def test_export_loads_in_transformers(case, tmp_path):
     assert not info["missing_keys"]
     assert all(k.startswith(f"model.layers.{ours.cfg.num_hidden_layers}.") for k in info["unexpected_keys"])
     torch.testing.assert_close(hf_logits(peer.eval()), our_logits(ours), atol=1e-5, rtol=0)
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)
+    back = load_hf_model(tmp_path)
+    assert (back.lm_head.weight is back.embed_tokens.weight) == tied
+    mine = ours.state_dict()
+    assert back.state_dict().keys() == mine.keys()
+    assert all(torch.equal(v, mine[k]) for k, v in back.state_dict().items())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
