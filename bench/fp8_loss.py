@@ -32,7 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def batches(cfg: ModelConfig, steps: int, batch: int, seq_len: int, seed: int) -> List[torch.Tensor]:
-    """`steps` batches [batch, seq_len + 1] of the built-in corpus (no FIM), the same for both runs."""
+    """`steps` batches [batch, seq_len + 1] of the built-in corpus (no FIM), the same for both runs.
+
+    The steps x batch sequences are taken from the packed stream, then shuffled, so that every batch
+    mixes documents (consecutive stream sequences mostly come from one file).
+    """
     from data.builtin import stdlib_corpus
     from data.dataset import PackedDataset
     from data.tokenizer import load_tokenizer
@@ -40,7 +44,9 @@ def batches(cfg: ModelConfig, steps: int, batch: int, seq_len: int, seed: int) -
     corpus = stdlib_corpus(ROOT / ".cache" / "data", cfg.vocab_size)
     data = PackedDataset(corpus.train_dir, seq_len, seed=seed, tokenizer_info=load_tokenizer(corpus.tokenizer_dir),
                          fim_rate=0.0)
-    return [data.next_batch(batch) for _ in range(steps)]
+    pool = data.next_batch(steps * batch)
+    order = torch.randperm(steps * batch, generator=torch.Generator().manual_seed(seed))
+    return list(pool[order].split(batch))
 
 
 def train(cfg: ModelConfig, data: List[torch.Tensor], fp8: bool, lr: float, seed: int) -> Tuple[List[float], float]:
@@ -83,6 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--curves", help="also write both loss curves to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 5:
         raise SystemExit(f"--steps must be >= 5 (the last 20% are averaged), got {args.steps}")
@@ -93,6 +100,8 @@ def main(argv=None) -> None:
         results = {name: run.result() for name, run in runs.items()}
     curves = {name: r[0] for name, r in results.items()}
     seconds = {name: r[1] for name, r in results.items()}
+    if args.curves:
+        Path(args.curves).write_text(json.dumps(curves))
     tail = max(1, args.steps // 5)
     mean = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
     case = (f"{args.model}, {args.steps} steps x {args.batch}x{args.seq_len} tokens, stdlib corpus, "

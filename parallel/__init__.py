@@ -2,13 +2,14 @@
 
 DeepSeek-V3 section 3 (training framework). `mesh.build_layout` makes the process groups,
 `dispatch.make_dispatcher` the flat or hierarchical all-to-all dispatcher, and
-`expert_parallel.apply_expert_parallel` keeps each rank's slice of the routed experts.
+`expert_parallel.ExpertParallel` keeps each rank's slice of the routed experts and does the
+expert-aware gradient reduction, gradient norm, load sharing and checkpoint wrapping for a trainer.
 """
 from .dispatch import FlatDispatcher, HierarchicalDispatcher, make_dispatcher
-from .expert_parallel import (apply_expert_parallel, global_expert_load, is_expert_param, reduce_gradients,
-                              shard_expert_state, shard_experts)
+from .expert_parallel import (ExpertParallel, apply_expert_parallel, global_expert_load, is_expert_param,
+                              local_state, reduce_gradients, shard_expert_state, shard_experts)
 from .mesh import ParallelLayout, build_layout, check_layout
 
-__all__ = ["FlatDispatcher", "HierarchicalDispatcher", "make_dispatcher", "apply_expert_parallel",
-           "global_expert_load", "is_expert_param", "reduce_gradients", "shard_expert_state", "shard_experts",
-           "ParallelLayout", "build_layout", "check_layout"]
+__all__ = ["FlatDispatcher", "HierarchicalDispatcher", "make_dispatcher", "ExpertParallel", "apply_expert_parallel",
+           "global_expert_load", "is_expert_param", "local_state", "reduce_gradients", "shard_expert_state",
+           "shard_experts", "ParallelLayout", "build_layout", "check_layout"]

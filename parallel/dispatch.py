@@ -144,17 +144,18 @@ def run_local_experts(experts: GroupedExperts, x_CD: torch.Tensor, idx_CK: torch
                       w_CK: torch.Tensor) -> torch.Tensor:
     """For each received row, sum over its experts on this rank of w * expert(x) (fp32, cast to x dtype).
 
-    When no (row, expert) pair arrives, the experts still enter the graph with a zero contribution, so
-    their gradients are zeros rather than None and every rank's backward runs the same collectives.
+    When no (row, expert) pair arrives, the experts are not called but enter the graph with a zero
+    contribution, so their gradients are zeros rather than None on every rank.
     """
     C, D = x_CD.shape
     c_P, k_P = (idx_CK >= 0).nonzero(as_tuple=True)
     e_P = idx_CK[c_P, k_P].long()
     order = torch.argsort(e_P, stable=True)
     c_P, k_P, e_P = c_P[order], k_P[order], e_P[order]
-    y_PD = experts(x_CD[c_P], torch.bincount(e_P, minlength=experts.num_experts))
     if c_P.numel() == 0:
-        y_PD = y_PD + 0.0 * (x_CD.sum() + sum(p.sum() for p in experts.parameters()))
+        y_PD = x_CD.new_zeros(0, D) + 0.0 * (x_CD.sum() + sum(p.sum() for p in experts.parameters()))
+    else:
+        y_PD = experts(x_CD[c_P], torch.bincount(e_P, minlength=experts.num_experts))
     weighted_PD = y_PD.float() * w_CK[c_P, k_P].float().unsqueeze(1)
     y_CD = torch.zeros(C, D, dtype=torch.float32, device=x_CD.device).index_add(0, c_P, weighted_PD)
     return y_CD.to(x_CD.dtype)
@@ -170,8 +171,6 @@ class ExpertParallelDispatcher:
     `last_nodes_per_token` holds, for the last call, how many nodes each token was sent to.
     """
 
-    name = "expert_parallel"
-
     def __init__(self, ep_group: Optional[dist.ProcessGroup], gpus_per_node: int, fp8: bool = False):
         self.group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
@@ -179,7 +178,7 @@ class ExpertParallelDispatcher:
         self.gpus_per_node = min(gpus_per_node, self.ep_size)
         if self.ep_size % self.gpus_per_node:
             raise ValueError(f"parallel.ep ({self.ep_size}) must be a multiple of parallel.gpus_per_node "
-                             f"({gpus_per_node}) or at most it")
+                             f"({gpus_per_node}) when the EP group spans several nodes")
         self.n_nodes = self.ep_size // self.gpus_per_node
         self.fp8 = fp8
         self.traffic = TrafficCounter(self.gpus_per_node, self.ep_rank)
@@ -235,8 +234,6 @@ class ExpertParallelDispatcher:
 class FlatDispatcher(ExpertParallelDispatcher):
     """One all-to-all over the EP group: one copy of a token per rank that hosts one of its experts."""
 
-    name = "flat"
-
     def hop_layout(self, experts_per_rank: int) -> List[Tuple[int, List[int]]]:
         return [(experts_per_rank, list(range(self.ep_size)))]
 
@@ -246,8 +243,6 @@ class HierarchicalDispatcher(ExpertParallelDispatcher):
 
     With one node it is the flat dispatcher; with one rank per node the intra-node hop vanishes.
     """
-
-    name = "hierarchical"
 
     def hop_layout(self, experts_per_rank: int) -> List[Tuple[int, List[int]]]:
         G = self.gpus_per_node

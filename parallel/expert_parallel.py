@@ -61,7 +61,7 @@ def shard_experts(model: Transformer, ep_rank: int, ep: int, dispatcher: Callabl
 
 
 def apply_expert_parallel(model: Transformer, layout: ParallelLayout, dispatcher: Callable) -> Transformer:
-    """`shard_experts` with this process's EP coordinates (a no-op apart from the dispatcher when ep=1)."""
+    """`shard_experts` with this process's EP coordinates; the model is left unchanged when ep = 1."""
     if layout.ep == 1:
         return model
     return shard_experts(model, layout.ep_rank, layout.ep, dispatcher)

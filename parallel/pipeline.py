@@ -99,9 +99,16 @@ class Pipeline:
         return tokens_BT[:, :-1].contiguous(), tokens_BT[:, 1:].contiguous()
 
     def step(self, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Forward and backward of all micro-batches; gradients accumulate in the parameters' .grad."""
+        """Forward and backward of all micro-batches; gradients accumulate in the parameters' .grad
+        (every parameter of this rank has a .grad afterwards, zeros where it did not reach the loss)."""
         inputs, labels = self._split(tokens_BT)
         self._loss.records.clear()
+        for p in self.module.parameters():
+            # The zero-bubble schedules add weight gradients with `grad += dw`; starting from a dense
+            # zero tensor keeps that valid when the first dw is a broadcast view (a parameter that
+            # only reaches the loss through a sum, e.g. experts that received no tokens).
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         self.schedule.step(inputs, target=labels, labels=labels, return_outputs=False)
         return self._mean_losses()
 

@@ -6,8 +6,9 @@ the single-process reference on the tokens of its EP group, and compares its own
 outputs and gradients (x, gate weights, its experts' weights). Layouts: ep=4 on 2 simulated nodes
 (gpus_per_node=2), and dp=2 x ep=2 with one rank per node and with both ranks on one node. Rank 1
 sends no token; the "skewed" routing leaves the last EP rank's experts and expert 1 without tokens.
-Also checked: FP8 payload (exactly the 1x128-quantized input, close to fp32), inter-node bytes equal
-to the minimum, nodes reached per token on the actual traffic. Prints DIST_DISPATCH_OK when all pass.
+Also checked: FP8 payload (exactly the 1x128-quantized input, close to fp32), bf16 autocast (rows
+travel as bf16), inter-node bytes equal to the minimum and intra-node bytes as the protocol says
+(stage 1 lands on the same local index), nodes reached per token on the actual traffic. Prints DIST_DISPATCH_OK when all pass.
 """
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed, amp=False):
     internode, combine_internode = disp.traffic.get("dispatch_internode"), disp.traffic.get("combine_internode")
     intranode = disp.traffic.get("dispatch_intranode")
     one_call = disp.a2a_internode_bytes
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         again = disp(xm, idx[lo:hi], wm, local)
     close(f"{tag} no_grad output", again, out.detach(), rtol=0, atol=0)
     check(f"{tag} counters accumulate", disp.a2a_internode_bytes == 2 * one_call == 2 * (internode + combine_internode))

@@ -67,7 +67,11 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """`data=stdlib` (built-in corpus, prepared under cache_dir) or `data=shards` (prepared shards)."""
+    """`data=stdlib` (built-in corpus, prepared under cache_dir) or `data=shards` (prepared shards).
+
+    `shuffle_tokens`: training sequences are served in a random order within blocks of this many
+    tokens of the packed stream (0: stream order); see training/shuffle.py.
+    """
     name: str = "stdlib"
     cache_dir: str = "${cache_dir}/data"
     train_dir: Optional[str] = None
@@ -76,6 +80,7 @@ class DataConfig:
     val_fraction: float = 0.05
     fim_rate: float = 0.1
     split_rate: float = 0.0
+    shuffle_tokens: int = 1 << 20
 
 
 @dataclass
@@ -309,6 +314,8 @@ def _check_io(cfg: DictConfig) -> None:
                           f"({cfg.checkpoint.keep}) >= 1")
     d = cfg.data
     _check_choice(d.name, DATA_KINDS, "data.name")
+    if d.shuffle_tokens < 0:
+        raise ConfigError(f"data.shuffle_tokens must be >= 0 (0: no shuffling), got {d.shuffle_tokens}")
     if not (0 <= d.fim_rate <= 1 and 0 <= d.split_rate <= 1 and 0 < d.val_fraction < 1):
         raise ConfigError(f"data.fim_rate ({d.fim_rate}) and data.split_rate ({d.split_rate}) must be in "
                           f"[0, 1], data.val_fraction ({d.val_fraction}) in (0, 1)")

@@ -4,7 +4,8 @@
 repository root; torchrun ranks share one build) a tokenizer with the model's vocabulary size and
 train/val shards; `data=shards`
 takes `data.train_dir`, `data.val_dir` and `data.tokenizer` (relative to the working directory).
-The tokenizer's vocabulary must equal `model.vocab_size`.
+The tokenizer's vocabulary must equal `model.vocab_size`. Training batches are the packed stream of
+`data.PackedDataset`, shuffled by sequence in blocks (`data.shuffle_tokens`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 from model.config import ModelConfig
 
 from .config import REPO_ROOT, ConfigError, resolve_path
+from .shuffle import BlockShuffle
 
 
 @dataclass
@@ -45,3 +47,19 @@ def prepare_inputs(cfg: DictConfig, mcfg: ModelConfig) -> Inputs:
         raise ConfigError(f"model.vocab_size ({mcfg.vocab_size}) differs from the vocabulary of {where} "
                           f"({tokenizer.vocab_size}); set model.vocab_size={tokenizer.vocab_size}")
     return Inputs(train_dir=train_dir, val_dir=val_dir, tokenizer=tokenizer)
+
+
+def train_batches(cfg: DictConfig, inputs: Inputs, dp_rank: int, dp_world: int):
+    """The training batches: the packed stream, shuffled by sequence in blocks of `data.shuffle_tokens`
+    tokens (training/shuffle.py; 0 keeps the stream order). `next_batch(global_batch)` gives this
+    rank's rows."""
+    from data.dataset import PackedDataset
+
+    seq_len = cfg.train.seq_len
+    options = dict(seed=cfg.seed, tokenizer_info=inputs.tokenizer, fim_rate=cfg.data.fim_rate,
+                   split_rate=cfg.data.split_rate)
+    block = cfg.data.shuffle_tokens // seq_len
+    if block <= 1:
+        return PackedDataset(inputs.train_dir, seq_len, dp_rank=dp_rank, dp_world=dp_world, **options)
+    return BlockShuffle(PackedDataset(inputs.train_dir, seq_len, **options), block, seed=cfg.seed,
+                        dp_rank=dp_rank, dp_world=dp_world)

@@ -30,7 +30,7 @@ from parallel.mesh import build_layout
 from . import checkpoint
 from .config import data_parallel_size, resolve_path
 from .distributed import Dist
-from .inputs import Inputs
+from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger
 from .optim import AdamW, set_lr
 from .schedule import Schedules
@@ -126,7 +126,7 @@ def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, de
 
 class Trainer:
     def __init__(self, cfg: DictConfig, mcfg: ModelConfig, dist: Dist, inputs: Inputs):
-        from data.dataset import PackedDataset, shard_stats
+        from data.dataset import shard_stats
 
         self.cfg, self.mcfg, self.dist, self.inputs = cfg, mcfg, dist, inputs
         self.out_dir = resolve_path(cfg.out_dir, Path.cwd())
@@ -142,10 +142,8 @@ class Trainer:
         self.par = pipeline_parallel(self.model, cfg, mcfg, dist.device, self.ep, make_optimizer, self.dp)
         self.optimizer = self.par.optimizer if self.par else make_optimizer(self.model.named_parameters())
         self.schedules = Schedules(cfg.optim, cfg.train, cfg.train.micro_batch * self.dp)
-        self.dataset = PackedDataset(inputs.train_dir, cfg.train.seq_len, seed=cfg.seed,
-                                     tokenizer_info=inputs.tokenizer, fim_rate=cfg.data.fim_rate,
-                                     split_rate=cfg.data.split_rate,
-                                     dp_rank=self.par.replica if self.par else dist.rank, dp_world=self.dp)
+        self.dataset = train_batches(cfg, inputs, dp_rank=self.par.replica if self.par else dist.rank,
+                                     dp_world=self.dp)
         self.bytes_per_token = shard_stats(inputs.val_dir)["bytes_per_token"]
         self.autocast = autocast_for(cfg.precision.name, dist.device)
         self.flops_per_token = flops_per_token(mcfg, cfg.train.seq_len)

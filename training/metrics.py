@@ -9,7 +9,6 @@ resumed, and gets the resolved config. Only rank 0 logs.
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import secrets
@@ -50,7 +49,7 @@ def console_line(record: Dict[str, Any], total_steps: int, eta_s: Optional[float
     parts = [f"step {record['step']}/{total_steps}"]
     for key, fmt in CONSOLE_FIELDS:
         value = record.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value) and key == "mfu"):
+        if value is not None:
             parts.append(fmt.format(value))
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']}")
