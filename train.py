@@ -63,9 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from training.loop import Trainer, TrainingError
 
     start = time.perf_counter()
-    dist = None
     try:
         dist = init_distributed(cfg.train.device)
+    except ConfigError as err:
+        print(f"train.py: config error: {err}", file=sys.stderr)
+        return 2
+    try:
         inputs = prepare_inputs(cfg, mcfg)
         out_dir = resolve_path(cfg.out_dir, Path.cwd())
         if dist.is_main:
@@ -81,15 +84,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if dist.is_main and "val_loss" in last:
             print(f"done: step {last['step']}, val_loss {last['val_loss']:.4f}, val_bpb {last['val_bpb']:.4f}, "
                   f"{time.perf_counter() - start:.0f} s in this process", flush=True)
-    except ConfigError as err:
+    except ConfigError as err:  # found once the data is known (vocabulary size): every rank agrees
         print(f"train.py: config error: {err}", file=sys.stderr)
+        dist.shutdown()
         return 2
-    except TrainingError as err:
+    except TrainingError as err:  # decided from all-reduced values: every rank stops at the same step
         print(f"train.py: {err}", file=sys.stderr)
+        dist.shutdown()
         return 1
-    finally:
-        if dist is not None:
-            dist.shutdown()
+    dist.shutdown()
     return 0
 
 

@@ -59,9 +59,8 @@ def bench(pp: int, microbatches: int) -> List[Dict[str, object]]:
         rows.append({
             "bench": "pipeline",
             "case": f"{schedule} pp={pp} microbatches={microbatches} stages/rank={spr}: bubble fraction "
-                    f"(idle per rank {sim['bubble_per_rank']:g} chunks, formula {ref['bubble']:g} of its {ref['chunks']}-per-rank "
-                    f"chunks; "
-                    f"actions {count_actions(actions)})",
+                    f"(idle per rank {sim['bubble_per_rank']:g} chunks, formula {ref['bubble']:g} of its "
+                    f"{ref['chunks']}-per-rank chunks; actions {count_actions(actions)})",
             "unit": "bubble fraction",
             "ours": round(sim["bubble_fraction"], 6),
             "peer": ref["peer"],

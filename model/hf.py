@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from .checkpoint_files import resolve_checkpoint
 from .config import ModelConfig
 from .hf_names import Target, hf_config_from_model, hf_tensors, model_config_from_hf, target_of
+from .loading import load
 from .transformer import Transformer
 
 PathLike = Union[str, Path]
@@ -274,7 +275,6 @@ def find_tokenizer_dir(path: PathLike) -> Optional[Path]:
 def export_checkpoint(checkpoint: PathLike, hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Export a training checkpoint (a step directory, or an out_dir meaning its newest) to `hf_dir`."""
-    from .loading import load
     model = load(checkpoint)
     return export_hf(model, hf_dir, find_tokenizer_dir(checkpoint), dtype, max_shard_bytes)
 

@@ -45,7 +45,10 @@ class Pipeline:
 
     Every rank of `pp_group` calls `step(tokens_BT)` with the same tokens [n_microbatches * micro_batch,
     seq_len + 1]; it returns the mean main and MTP losses on every pipeline rank. Shapes are static
-    (`micro_batch`, `seq_len`): the schedule allocates its receive buffers once.
+    (`micro_batch`, `seq_len`): the schedule allocates its receive buffers once (static stage
+    metadata also keeps the schedule from running a stage's forward to infer shapes, which would
+    count router load and run expert all-to-alls). Only `module` (this rank's stages) is used; the
+    rest of the `model` passed in is not touched and can be dropped by the caller.
     """
 
     def __init__(self, model: Transformer, *, pp_group: dist.ProcessGroup, schedule: str, n_microbatches: int,

@@ -95,7 +95,8 @@ def _leaves(action: _Action) -> Sequence[_Action]:
     return action.sub_actions if action.sub_actions else (action,)
 
 
-def simulate(actions: List[List[_Action]], n_stages: int, costs: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+def simulate(actions: List[List[_Action]], n_stages: int,
+             costs: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """Run the action lists with per-action costs and zero-latency communication.
 
     Each rank executes its list in order; an action starts when its rank is free and its inputs are

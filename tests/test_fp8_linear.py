@@ -221,3 +221,14 @@ def test_fp8_training_run_loss_falls():
         opt.zero_grad()
         losses.append(out["loss"].item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_no_tokens_gives_empty_outputs_and_zero_gradients():
+    x = torch.randn(0, 256, requires_grad=True)
+    ws = [t.requires_grad_() for t in make_experts([0, 0])[1]]
+    fp8_swiglu_experts(x, *ws, [0, 0], True).sum().backward()
+    w = torch.randn(64, 256, requires_grad=True)
+    y = fp8_linear(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 64) and x.grad.shape == (0, 256)
+    assert not w.grad.any() and all(not t.grad.any() for t in ws)

@@ -28,12 +28,11 @@ def test_every_schedule_pp2(tmp_path):
 
 
 def test_pipeline_with_expert_and_zero1_data_parallel(tmp_path):
-    cases = ["pp=2,ep=2,gpn=4,schedule=1f1b",
-             "pp=2,ep=2,gpn=4,schedule=dualpipev",
+    cases = ["pp=2,ep=2,gpn=4,schedule=dualpipev",
              "pp=2,dp=2,zero=1,schedule=zbv",
              "pp=2,ep=2,gpn=4,zero=1,schedule=interleaved_1f1b",
-             "pp=4,schedule=1f1b",
-             "pp=4,layers=8,schedule=interleaved_1f1b",
+             "pp=4,schedule=1f1b,exact=1",
+             "pp=4,layers=8,schedule=interleaved_1f1b,exact=1",
              "pp=1,dp=2,ep=2,gpn=2,zero=1"]
     output = run_torchrun("dist_pipeline_train.py", 4, *cases, "--tmp", str(tmp_path))
     _check(output, len(cases))

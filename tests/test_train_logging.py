@@ -90,3 +90,13 @@ def test_non_finite_steps_in_a_row_stop_with_checkpoint(corpus, tmp_path):
     assert [r["step"] for r in skipped] == [last - 2, last - 1, last] and last < 20
     assert (out_dir / "checkpoints" / f"step_{last}" / "meta.json").is_file()
     assert f"step {skipped[0]['step']} skipped" in proc.stdout
+
+
+def test_vocabulary_mismatch_is_a_config_error(corpus, tmp_path):
+    out_dir = tmp_path / "run"
+    args = [a for a in job_args(corpus, out_dir) if not a.startswith("model.vocab_size=")]
+    proc = run_train(args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"model.vocab_size (4096) differs from the vocabulary of data.tokenizer={corpus['tokenizer']} " \
+           f"({corpus['vocab_size']}); set model.vocab_size={corpus['vocab_size']}" in proc.stderr
+    assert not out_dir.exists()
