@@ -35,7 +35,13 @@ class MLP(nn.Module):
 
 
 def grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by expert, counts_E rows per expert: row n of expert e -> x[n] @ w[e]^T."""
+    """Rows of x sorted by expert, counts_E rows per expert: row n of expert e -> x[n] @ w[e]^T.
+
+    Autocast has no rule for grouped GEMMs, so under autocast both operands are cast here.
+    """
+    if torch.is_autocast_enabled(x_ND.device.type):
+        dtype = torch.get_autocast_dtype(x_ND.device.type)
+        x_ND, w_EOD = x_ND.to(dtype), w_EOD.to(dtype)
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w_EOD.shape[1])
     offsets = torch.cumsum(counts_E, 0).to(torch.int32)
