@@ -3,9 +3,10 @@
 DeepSeek-V3 report, section 3.3 (FP8 training): activations are scaled per 1x128 tile (per token, per
 128 channels) in the forward pass and per 128x1 tile (per 128 tokens of a channel) for the weight
 gradient; weights per 128x128 block. scale = max(amax, 1e-4) / 448 (E4M3's largest value), optionally
-rounded up to a power of 2; x_fp8 = round_to_nearest_even(x / scale). GEMMs multiply FP8 operands and
-promote the fp32 partial sum of every 128-wide block of K to the fp32 accumulator, applying both
-operands' scales there. The input of the linear after attention is cached in E5M6 (section 3.3.2),
+rounded up to a power of 2; x_fp8 = round_to_nearest_even(x / scale). `fp8_gemm` multiplies FP8
+operands and promotes the fp32 partial sum of every 128-wide block of K to the fp32 accumulator,
+applying both operands' scales there; the grouped (expert) GEMMs apply the scales to the operands
+and accumulate in fp32, which is the same product up to fp32 rounding. The input of the linear after attention is cached in E5M6 (section 3.3.2),
 emulated here as 12-bit codes packed two per three bytes with power-of-2 scales.
 
 Layouts: a "1x128" scale of x [..., M, K] is [..., M, ceil(K/128)]; a "128x128" scale is
@@ -117,6 +118,7 @@ def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def check_scale(name: str, x: torch.Tensor, scale: torch.Tensor) -> None:
+    """Raise ValueError naming `name` unless `scale` is a 1x128 or 128x128 scale of x's last two dims."""
     rows, cols = x.shape[-2], x.shape[-1]
     if scale.shape[-1] != cdiv(cols, BLOCK) or scale.shape[-2] not in (rows, cdiv(rows, BLOCK)):
         raise ValueError(f"{name}: scale shape {tuple(scale.shape)} fits neither 1x128 "

@@ -8,17 +8,20 @@ checkpoints built before or after keep working. Kept in BF16/FP32 per the recipe
 the output head, the router, the norms, the attention core and the MoE combine. The input of the
 linear after attention (`self_attn.o_proj`) is cached for backward in E5M6.
 
-Memory (section 3.2.3 "recomputation of RMSNorm"): RMSNorms keep only their input for backward and
-recompute the normalization there, instead of also holding the fp32 normalized output.
+Memory (section 3.2.3, recomputation of RMSNorm and of the MLA up-projections): RMSNorms keep only
+their input for backward. MLA keeps only its normalized input and recomputes its projections, RoPE
+and attention core in backward: PyTorch's attention keeps q, k and v (the up-projected tensors) for
+its backward, so not storing them means re-running the core too; this recomputes a little more than
+the report (the down-projections as well) and stores less. o_proj is outside the recomputation.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.linear import fp8_linear, fp8_swiglu_experts
 
+from .mla import MLA
 from .moe import MLP, GroupedExperts
 from .norm import RMSNorm
 
@@ -58,38 +61,62 @@ class FP8GroupedExperts(GroupedExperts):
         return fp8_swiglu_experts(x_ND, w_gate, w_up, self.down_proj, counts_E.tolist(), self.fp8_pow2)
 
 
-class _RecomputedRMSNormFunction(torch.autograd.Function):
-    """RMSNorm.forward's exact computation, saving only (x, weight); backward recomputes it."""
+class _Recompute(torch.autograd.Function):
+    """fn(*inputs) keeping only `inputs` for backward, which re-runs fn under the same autocast state.
+
+    `params` (the parameters fn uses) are passed through so that their gradients are returned here.
+    Inputs are saved with save_for_backward, so saved-tensor hooks see what the recompute keeps.
+    """
 
     @staticmethod
-    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    def forward(ctx, fn, n_inputs: int, *tensors: torch.Tensor):
+        ctx.fn, ctx.n_inputs, ctx.params = fn, n_inputs, tensors[n_inputs:]
+        device = tensors[0].device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(*tensors[:n_inputs])
+        with torch.no_grad():
+            return fn(*tensors[:n_inputs])
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return _RecomputedRMSNormFunction._norm(x, weight, eps)
+    def backward(ctx, grad: torch.Tensor):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            out = ctx.fn(*inputs)
+        wrt = [t for t in (*inputs, *ctx.params) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
+        return (None, None, *(next(grads) if t.requires_grad else None for t in (*inputs, *ctx.params)))
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            x_, w_ = x.detach().requires_grad_(), weight.detach().requires_grad_()
-            y = _RecomputedRMSNormFunction._norm(x_, w_, ctx.eps)
-            dx, dw = torch.autograd.grad(y, (x_, w_), dy)
-        return dx, dw, None
+
+def recompute(fn, inputs, params) -> torch.Tensor:
+    """fn(*inputs) whose intermediates are recomputed in backward instead of kept (inputs are kept)."""
+    return _Recompute.apply(fn, len(inputs), *inputs, *params)
 
 
 class RecomputedRMSNorm(RMSNorm):
-    """RMSNorm that caches only its input for backward (same outputs and gradients)."""
+    """RMSNorm that keeps only its input for backward (same outputs and gradients)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RecomputedRMSNormFunction.apply(x, self.weight, self.eps)
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return recompute(super().forward, [x], [self.weight])
+
+
+class RecomputedMLA(MLA):
+    """MLA whose projections, RoPE and attention core are recomputed in backward from the block's
+    normalized input; o_proj stays outside, with its input cached in E5M6 (decoding with a cache
+    runs the plain path)."""
+
+    def forward(self, x_BSD: torch.Tensor, rope, cache=None) -> torch.Tensor:
+        if cache is not None or not torch.is_grad_enabled():
+            return super().forward(x_BSD, rope, cache)
+        inner = [p for name, p in self.named_parameters() if not name.startswith("o_proj.")]
+        return self.o_proj(recompute(lambda x: self.attend(x, rope), [x_BSD], inner))
 
 
 _FP8_CLASS = {nn.Linear: FP8Linear, MLP: FP8MLP, GroupedExperts: FP8GroupedExperts,
-              RMSNorm: RecomputedRMSNorm}
+              RMSNorm: RecomputedRMSNorm, MLA: RecomputedMLA}
+_RECOMPUTED = (RecomputedRMSNorm, RecomputedMLA)
 _FP8_CLASS.update({c: c for c in list(_FP8_CLASS.values())})
 
 
@@ -105,7 +132,7 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
     """
     inside_swiglu = set()
     for name, module in model.named_modules():
-        if id(module) in inside_swiglu or not isinstance(module, (nn.Linear, MLP, GroupedExperts, RMSNorm)):
+        if id(module) in inside_swiglu or not isinstance(module, (nn.Linear, MLP, GroupedExperts, RMSNorm, MLA)):
             continue
         if isinstance(module, nn.Linear) and _is_kept(name):
             continue
@@ -113,11 +140,11 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
         if fp8_cls is None:
             raise TypeError(f"apply_fp8: {name} is a {type(module).__name__}, a subclass the FP8 recipe "
                             f"does not know; supported: nn.Linear, model.moe.MLP, model.moe.GroupedExperts, "
-                            f"model.norm.RMSNorm")
+                            f"model.norm.RMSNorm, model.mla.MLA")
         if isinstance(module, nn.Linear) and module.bias is not None:
             raise ValueError(f"apply_fp8: {name} has a bias; the FP8 Linear supports bias-free linears only")
         module.__class__ = fp8_cls
-        if fp8_cls is RecomputedRMSNorm:
+        if fp8_cls in _RECOMPUTED:
             continue
         module.fp8_pow2 = pow2_scales
         if fp8_cls is FP8Linear:
@@ -129,5 +156,6 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
 
 def fp8_modules(model: nn.Module) -> dict:
     """Names of the modules `apply_fp8` switched, by kind (for logging and tests)."""
-    kinds = {"linear": FP8Linear, "mlp": FP8MLP, "experts": FP8GroupedExperts, "norm": RecomputedRMSNorm}
+    kinds = {"linear": FP8Linear, "mlp": FP8MLP, "experts": FP8GroupedExperts, "norm": RecomputedRMSNorm,
+             "mla": RecomputedMLA}
     return {k: [n for n, m in model.named_modules() if isinstance(m, cls)] for k, cls in kinds.items()}

@@ -51,7 +51,7 @@ def model_config_from_hf(hf: Dict[str, Any], where: str = "config.json") -> Mode
     if hf.get("model_type") != "deepseek_v3":
         raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}; only 'deepseek_v3' is supported")
     required = {"hidden_act": "silu", "attention_bias": False, "scoring_func": "sigmoid",
-                "topk_method": "noaux_tc", "moe_layer_freq": 1}
+                "topk_method": "noaux_tc", "moe_layer_freq": 1, "rope_interleave": True}
     for key, allowed in required.items():
         if key in hf and hf[key] is not None and hf[key] != allowed:
             raise ValueError(f"{where}: {key} is {hf[key]!r}; only {allowed!r} is supported")

@@ -59,6 +59,11 @@ class MLA(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor],
                 cache: Optional[LatentKVCache] = None) -> torch.Tensor:
+        return self.o_proj(self.attend(x_BSD, rope, cache))
+
+    def attend(self, x_BSD: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor],
+               cache: Optional[LatentKVCache] = None) -> torch.Tensor:
+        """Everything before o_proj: projections, RoPE and attention -> [B, S, n_heads * v_head_dim]."""
         B, S, _ = x_BSD.shape
         cos, sin = rope
         if self.q_lora_rank is None:
@@ -77,7 +82,7 @@ class MLA(nn.Module):
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
             if start > 0:
                 out = self.absorbed_attention(q_nope, q_rope, c_kv, k_rope, start)
-                return self.o_proj(out.reshape(B, S, -1))
+                return out.reshape(B, S, -1)
         T = c_kv.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
 
@@ -85,7 +90,7 @@ class MLA(nn.Module):
         k_BHTE = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         v_BHTE = v.transpose(1, 2)
         out = attention(q_BHSE, k_BHTE, v_BHTE, self.softmax_scale, start)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return out.transpose(1, 2).reshape(B, S, -1)
 
     def absorbed_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
                            k_rope: torch.Tensor, start: int) -> torch.Tensor:

@@ -232,3 +232,26 @@ def test_no_tokens_gives_empty_outputs_and_zero_gradients():
     y.sum().backward()
     assert y.shape == (0, 64) and x.grad.shape == (0, 256)
     assert not w.grad.any() and all(not t.grad.any() for t in ws)
+
+
+def test_recomputed_norms_and_attention_give_the_same_loss_and_gradients():
+    from model.fp8 import RecomputedMLA, RecomputedRMSNorm
+    from model.mla import MLA
+    from model.norm import RMSNorm
+    torch.manual_seed(0)
+    model = apply_fp8(Transformer(tiny_config(num_hidden_layers=2)))
+    plain = apply_fp8(Transformer(tiny_config(num_hidden_layers=2)))
+    plain.load_state_dict(model.state_dict())
+    for m in plain.modules():
+        if type(m) in (RecomputedMLA, RecomputedRMSNorm):
+            m.__class__ = MLA if isinstance(m, MLA) else RMSNorm
+    assert fp8_modules(model)["mla"] and not fp8_modules(plain)["mla"]
+    tokens = torch.randint(0, 4096, (2, 33))
+    results = []
+    for m in (model, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lm_loss(m, tokens)
+        (out["loss"] + 0.3 * out["mtp_loss"]).backward()
+        results.append([out["loss"]] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

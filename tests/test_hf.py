@@ -137,6 +137,8 @@ def test_reads_deepseek_release_config():
     assert cfg.extra == {"bos_token_id": 0, "eos_token_id": 1}
     with pytest.raises(ValueError, match="scoring_func"):
         model_config_from_hf({**release, "scoring_func": "softmax"})
+    with pytest.raises(ValueError, match="rope_interleave"):
+        model_config_from_hf({**release, "rope_interleave": False})
     with pytest.raises(ValueError, match="rope type 'linear'"):
         model_config_from_hf({**release, "rope_scaling": {"type": "linear", "factor": 2}})
 

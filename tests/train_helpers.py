@@ -39,7 +39,7 @@ def job_args(corpus: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
     return ["data=shards", f"data.train_dir={corpus['train_dir']}", f"data.val_dir={corpus['val_dir']}",
             f"data.tokenizer={corpus['tokenizer']}", f"model.vocab_size={corpus['vocab_size']}", *SMALL_MODEL,
             "precision=fp32", "train.seq_len=32", "train.global_batch=4", "train.micro_batch=2",
-            "train.device=cpu", "optim.lr=3e-3", "optim.warmup_frac=0.1", "logging.every=1",
+            "data.shuffle_tokens=2048", "train.device=cpu", "optim.lr=3e-3", "optim.warmup_frac=0.1", "logging.every=1",
             "logging.wandb.mode=disabled", "eval.every=5", "eval.batches=2", "eval.batch_size=4",
             f"out_dir={out_dir}", *extra]
 
