@@ -253,5 +253,6 @@ def test_recomputed_norms_and_attention_give_the_same_loss_and_gradients():
             out = lm_loss(m, tokens)
         (out["loss"] + 0.3 * out["mtp_loss"]).backward()
         results.append([out["loss"]] + [p.grad for p in m.parameters()])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1:], results[1][1:]):  # same math; gradient sums may run in another order
+        assert rel(a, b) < 1e-6
