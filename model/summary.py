@@ -5,8 +5,16 @@ Prints one JSON line: total_params, active_params, mtp_params, embedding_params 
 (default 4096). The model is also built on the meta device (no memory, so `v3_671b` works on a
 laptop) and its real parameter counts are checked against the formulas.
 
+It also prints the training memory per GPU of a layout (`model/memory.py`, formula and assumptions
+there): memory_gib_per_gpu, memory_breakdown {params_gib, grads_gib, optimizer_gib, activations_gib}
+and the layout echoed. These keys are always printed; without overrides the layout is a single GPU
+(pp = dp = ep = 1) with ZeRO-1 on (a no-op there), micro-batch 1, precision bf16.
+
 Overrides: `hidden_size=512` or `model.hidden_size=512` change the model config,
-`train.seq_len=8192` the sequence length of the FLOP count.
+`train.seq_len=8192` the sequence length (FLOP count and activations); the layout:
+`parallel.pp= parallel.dp= parallel.ep= parallel.schedule= parallel.stages_per_rank=
+parallel.layers_per_stage=[..] parallel.zero=true|false train.micro_batch= precision=bf16|fp8|fp32
+optim.moments_dtype=bf16|fp32`.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from omegaconf import OmegaConf
 
 from .config import ModelConfig
 from .flops import expert_params, flops_per_token, param_counts
+from .memory import Layout, memory_per_gpu
 from .transformer import Transformer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -84,16 +93,39 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> Dict[str, flo
     return {**counts, "seq_len": seq_len, "flops_per_token": flops_per_token(cfg, seq_len)}
 
 
+LAYOUT_KEYS = {"parallel.pp": "pp", "parallel.dp": "dp", "parallel.ep": "ep", "parallel.schedule": "schedule",
+               "parallel.stages_per_rank": "stages_per_rank", "parallel.layers_per_stage": "layers_per_stage",
+               "parallel.zero": "zero", "train.micro_batch": "micro_batch", "precision": "precision",
+               "optim.moments_dtype": "moments_dtype"}
+
+
+def split_layout_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, object], List[str]]:
+    """The `Layout` fields given among `overrides` (values parsed as YAML), and the other overrides."""
+    fields: Dict[str, object] = {}
+    rest: List[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in LAYOUT_KEYS:
+            fields[LAYOUT_KEYS[key]] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+        elif sep and key.startswith("parallel."):
+            raise ValueError(f"unknown override {item!r}: the layout keys are {', '.join(LAYOUT_KEYS)}")
+        else:
+            rest.append(item)
+    return fields, rest
+
+
 def main(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
     try:
-        cfg, seq_len = load_model_config(argv[0], argv[1:])
+        fields, rest = split_layout_overrides(argv[1:])
+        cfg, seq_len = load_model_config(argv[0], rest)
+        memory = memory_per_gpu(cfg, Layout(seq_len=seq_len, **fields))
     except (ValueError, FileNotFoundError) as err:
         print(f"model.summary: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"model": argv[0], **summarize(cfg, seq_len)}))
+    print(json.dumps({"model": argv[0], **summarize(cfg, seq_len), **memory}))
     return 0
 
 
