@@ -29,6 +29,7 @@ from model import ModelConfig, Transformer, lm_loss
 from model.fp8 import apply_fp8
 
 ROOT = Path(__file__).resolve().parents[1]
+PERTURBATION = 1e-4
 
 
 def batches(cfg: ModelConfig, steps: int, batch: int, seq_len: int, seed: int) -> List[torch.Tensor]:
@@ -49,11 +50,18 @@ def batches(cfg: ModelConfig, steps: int, batch: int, seq_len: int, seed: int) -
     return list(pool[order].split(batch))
 
 
-def train(cfg: ModelConfig, data: List[torch.Tensor], fp8: bool, lr: float, seed: int) -> Tuple[List[float], float]:
-    """(main-loss curve, seconds) of one run, on one thread."""
+def train(cfg: ModelConfig, data: List[torch.Tensor], fp8: bool, lr: float, seed: int,
+          replica: int = 0) -> Tuple[List[float], float]:
+    """(main-loss curve, seconds) of one run, on one thread. Replica r > 0 starts from the same
+    initial weights times (1 + 1e-4 * noise drawn from seed r)."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     model = Transformer(cfg).train()
+    if replica:
+        gen = torch.Generator().manual_seed(replica)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + PERTURBATION * torch.randn(p.shape, generator=gen))
     if fp8:
         apply_fp8(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -76,7 +84,7 @@ def train(cfg: ModelConfig, data: List[torch.Tensor], fp8: bool, lr: float, seed
         model.update_router_bias(0.001)
         losses.append(out["loss"].item())
         if step % 50 == 0 or step == steps - 1:
-            print(f"{'fp8' if fp8 else 'bf16'} step {step} loss {losses[-1]:.4f} "
+            print(f"{'fp8' if fp8 else 'bf16'} replica {replica} step {step} loss {losses[-1]:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     return losses, time.perf_counter() - t0
 
@@ -89,26 +97,40 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--curves", help="also write both loss curves to this JSON file")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="pairs of runs, replica r > 0 from initial weights perturbed by 1e-4 relative noise; "
+                             "losses are averaged, and with >= 2 the spread between bf16 replicas (the noise "
+                             "floor of this comparison) is reported too")
+    parser.add_argument("--curves", help="also write the loss curves to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 5:
         raise SystemExit(f"--steps must be >= 5 (the last 20% are averaged), got {args.steps}")
     cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "model" / f"{args.model}.yaml").read_text()))
     data = batches(cfg, args.steps, args.batch, args.seq_len, args.seed)
+    runs = [(name, r) for r in range(args.replicas) for name in ("bf16", "fp8")]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        runs = {name: pool.submit(train, cfg, data, name == "fp8", args.lr, args.seed) for name in ("bf16", "fp8")}
-        results = {name: run.result() for name, run in runs.items()}
-    curves = {name: r[0] for name, r in results.items()}
-    seconds = {name: r[1] for name, r in results.items()}
+        jobs = [pool.submit(train, cfg, data, name == "fp8", args.lr, args.seed, r) for name, r in runs]
+        results = dict(zip(runs, (job.result() for job in jobs)))
     if args.curves:
-        Path(args.curves).write_text(json.dumps(curves))
+        Path(args.curves).write_text(json.dumps({f"{n}/{r}": c for (n, r), (c, _) in results.items()}))
     tail = max(1, args.steps // 5)
-    mean = {k: sum(v[-tail:]) / tail for k, v in curves.items()}
-    case = (f"{args.model}, {args.steps} steps x {args.batch}x{args.seq_len} tokens, stdlib corpus, "
-            f"mean main loss over the last {tail} steps")
+    last = {key: sum(curve[-tail:]) / tail for key, (curve, _) in results.items()}
+    for r in range(args.replicas):
+        print(f"replica {r}: fp8 {last['fp8', r]:.5f} bf16 {last['bf16', r]:.5f} "
+              f"gap {100 * (last['fp8', r] / last['bf16', r] - 1):+.3f}%", file=sys.stderr)
+    mean = {name: sum(last[name, r] for r in range(args.replicas)) / args.replicas for name in ("bf16", "fp8")}
+    case = (f"{args.model}, {args.steps} steps x {args.batch}x{args.seq_len} tokens, stdlib corpus, mean main loss "
+            f"over the last {tail} steps, {args.replicas} replica(s)")
     print(json.dumps({"bench": "fp8_loss", "case": case, "unit": "loss", "ours": round(mean["fp8"], 5),
                       "peer": "bf16 autocast", "peer_value": round(mean["bf16"], 5),
                       "ratio": round(mean["fp8"] / mean["bf16"], 5)}), flush=True)
+    if args.replicas >= 2:
+        others = sum(last["bf16", r] for r in range(1, args.replicas)) / (args.replicas - 1)
+        print(json.dumps({"bench": "fp8_loss", "case": f"noise floor: bf16 from perturbed initial weights "
+                          f"(replicas 1..{args.replicas - 1}) vs bf16 replica 0, same data", "unit": "loss",
+                          "ours": round(others, 5), "peer": "bf16 replica 0", "peer_value": round(last["bf16", 0], 5),
+                          "ratio": round(others / last["bf16", 0], 5)}), flush=True)
+    seconds = {name: sum(results[name, r][1] for r in range(args.replicas)) / args.replicas for name in ("bf16", "fp8")}
     print(json.dumps({"bench": "fp8_loss", "case": f"{args.model}, seconds per step, one CPU thread (reference kernels)",
                       "unit": "s/step", "ours": round(seconds["fp8"] / args.steps, 3), "peer": "bf16 autocast",
                       "peer_value": round(seconds["bf16"] / args.steps, 3),

@@ -11,6 +11,7 @@ travel as bf16), inter-node bytes equal to the minimum and intra-node bytes as t
 (stage 1 lands on the same local index), nodes reached per token on the actual traffic. Prints DIST_DISPATCH_OK when all pass.
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +41,13 @@ def close(name, got, want, rtol=1e-5, atol=1e-5):
         FAILURES.append(f"rank {dist.get_rank()}: {name}: {str(e)[:300]}")
 
 
+def close_norm(name, got, want, rel=1e-2):
+    """bf16 paths sum in different orders: compare by relative error of the whole tensor."""
+    err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)
+    if not err <= rel:
+        FAILURES.append(f"rank {dist.get_rank()}: {name}: relative norm error {float(err):.3g} > {rel}")
+
+
 def fake_fp8(x):
     """Independent 1x128 e4m3 quantize-dequantize, gradient straight through."""
     R, Dx = x.shape
@@ -62,7 +70,7 @@ def routing(kind, T, gen, n_nodes, banned):
 
 
 def run_case(layout, dispatcher_name, kind, fp8, dtype, seed, amp=False):
-    """amp: fp32 tensors under bf16 autocast (rows travel as bf16, the experts compute in fp32)."""
+    """amp: fp32 tensors under bf16 autocast (rows travel as bf16, the experts compute in bf16)."""
     ep_ranks = dist.get_process_group_ranks(layout.ep_group)
     counts = [TOKENS_PER_RANK[r] for r in ep_ranks]
     gen = torch.Generator().manual_seed(seed)
@@ -81,7 +89,8 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed, amp=False):
 
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     xin = fake_fp8(xr) if fp8 else (xr + (xr.bfloat16().float() - xr).detach() if amp else xr)
-    ref = LocalDispatcher()(xin, idx, wr, full)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        ref = LocalDispatcher()(xin, idx, wr, full)
     (ref.float() * gy.float()).sum().backward()
 
     lo = sum(counts[: layout.ep_rank])
@@ -103,8 +112,9 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed, amp=False):
     close(f"{tag} output", out, ref.detach()[lo:hi], **tol)
     close(f"{tag} grad x", xm.grad, xr.grad[lo:hi], **tol)
     close(f"{tag} grad w", wm.grad, wr.grad[lo:hi], **tol)
-    close(f"{tag} grad gate_up", local.gate_up_proj.grad, full.gate_up_proj.grad[rows], **tol)
-    close(f"{tag} grad down", local.down_proj.grad, full.down_proj.grad[rows], **tol)
+    compare_weights = close_norm if amp else partial(close, **tol)
+    compare_weights(f"{tag} grad gate_up", local.gate_up_proj.grad, full.gate_up_proj.grad[rows])
+    compare_weights(f"{tag} grad down", local.down_proj.grad, full.down_proj.grad[rows])
 
     internode, combine_internode = disp.traffic.get("dispatch_internode"), disp.traffic.get("combine_internode")
     intranode = disp.traffic.get("dispatch_intranode")
