@@ -88,4 +88,6 @@ def read_json(path: Path) -> Dict[str, Any]:
 
 def load_state(state: Dict[str, Any], step_dir: Path) -> None:
     """Fill `state` (nested dict of tensors / objects) in place from the DCP at `step_dir`."""
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(step_dir)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(step_dir)))
