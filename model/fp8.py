@@ -1,9 +1,10 @@
 """`precision=fp8`: route the model's linears and experts through the FP8 kernels (DeepSeek-V3 section 3.3).
 
 `apply_fp8(model)` switches, in place, every `nn.Linear` of the attention and MTP projections to
-`FP8Linear`, and every SwiGLU (`MLP`: dense layers and shared experts; `GroupedExperts`: routed
-experts) to its FP8 version. The switch changes the module's class to a subclass whose forward
-calls `kernels.linear`; parameters, names, state_dict and hooks are untouched, so optimizers and
+`FP8Linear`, every SwiGLU (`MLP`: dense layers and shared experts; `GroupedExperts`: routed
+experts) to its FP8 version, and RMSNorm and MLA to versions that recompute in backward. The switch
+changes the module's class to a subclass whose forward calls `kernels.linear` or recomputes;
+parameters, names, state_dict and hooks are untouched, so optimizers and
 checkpoints built before or after keep working. Kept in BF16/FP32 per the recipe: the embedding,
 the output head, the router, the norms, the attention core and the MoE combine. The input of the
 linear after attention (`self_attn.o_proj`) is cached for backward in E5M6.
@@ -125,7 +126,8 @@ def _is_kept(name: str) -> bool:
 
 
 def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
-    """Switch `model`'s linears and experts to FP8 in place (idempotent); returns the model.
+    """Switch `model`'s linears and experts to FP8, its norms and MLAs to recomputation, in place
+    (idempotent); returns the model.
 
     `pow2_scales` rounds every scale up to a power of 2, which makes the backward pass's 1x128 ->
     128x1 re-quantization of cached activations nearly lossless.

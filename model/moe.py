@@ -99,7 +99,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (topk_idx [T, K], topk_weight [T, K] fp32, scores [T, E] fp32)."""
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x_TD.device.type, enabled=False):
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         topk_idx_TK = self.select(scores_TE.detach())
         weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:
