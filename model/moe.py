@@ -12,7 +12,7 @@ supplies the expert-parallel ones) together with the experts module.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -187,3 +187,24 @@ class MoE(nn.Module):
             self.last_balance_loss = aux.detach()
             y_TD = _AttachAuxLoss.apply(y_TD, aux, self.aux_loss_weight)
         return y_TD.view(B, S, D)
+
+
+@torch.no_grad()
+def stacked_expert_load(layers: Sequence[MoE]) -> torch.Tensor:
+    """Tokens routed to each expert of `layers` since their last bias update: [len(layers), E]."""
+    if not layers:
+        return torch.zeros(0, 0)
+    return torch.stack([m.gate.tokens_per_expert for m in layers])
+
+
+@torch.no_grad()
+def update_router_biases(layers: Sequence[MoE], gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
+    """Bias update of every router in `layers` (row i of `load_LE` for layer i; resets the counters)."""
+    for i, m in enumerate(layers):
+        m.gate.update_bias(gamma, None if load_LE is None else load_LE[i])
+
+
+def set_balance_loss_weight(layers: Sequence[MoE], weight: float) -> None:
+    """Gradient weight of the sequence-wise balance loss (alpha / micro-batches per step) of `layers`."""
+    for m in layers:
+        m.aux_loss_weight = weight

@@ -15,7 +15,8 @@ from torch import nn
 from .block import Block
 from .config import ModelConfig
 from .mla import LatentKVCache
-from .moe import MoE, GroupedExperts, Router
+from .moe import (GroupedExperts, MoE, Router, set_balance_loss_weight, stacked_expert_load,
+                  update_router_biases)
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -78,24 +79,17 @@ class Transformer(nn.Module):
         """Every MoE layer, main blocks first, then the MTP blocks."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    @torch.no_grad()
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since the last bias update: [n_moe_layers, n_routed_experts]."""
-        layers = self.moe_layers()
-        if not layers:
-            return torch.zeros(0, 0)
-        return torch.stack([m.gate.tokens_per_expert for m in layers])
+        return stacked_expert_load(self.moe_layers())
 
-    @torch.no_grad()
     def update_router_bias(self, gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
         """Bias update of auxiliary-loss-free balancing for every router (resets the load counters)."""
-        for i, m in enumerate(self.moe_layers()):
-            m.gate.update_bias(gamma, None if load_LE is None else load_LE[i])
+        update_router_biases(self.moe_layers(), gamma, load_LE)
 
     def set_balance_loss_weight(self, weight: float) -> None:
         """Gradient weight of the sequence-wise balance loss (alpha / gradient accumulation steps)."""
-        for m in self.moe_layers():
-            m.aux_loss_weight = weight
+        set_balance_loss_weight(self.moe_layers(), weight)
 
     def balance_loss(self) -> torch.Tensor:
         """Sum over MoE layers of the last training forward's sequence balance loss (detached)."""

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
-from model.moe import MoE
+from model.moe import MoE, set_balance_loss_weight, stacked_expert_load, update_router_biases
 from model.transformer import Transformer, maxvio
 
 from .pipeline_schedules import SCHEDULE_CLASSES, check_microbatches
@@ -188,24 +188,17 @@ class Pipeline:
             ids.extend(cfg.n_moe_layers + j for j, m in enumerate(self.module.mtp) if isinstance(m.block.mlp, MoE))
         return ids
 
-    @torch.no_grad()
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert of this rank's MoE layers since the last bias update [L_local, E]."""
-        layers = self.moe_layers()
-        if not layers:
-            return torch.zeros(0, 0)
-        return torch.stack([m.gate.tokens_per_expert for m in layers])
+        return stacked_expert_load(self.moe_layers())
 
-    @torch.no_grad()
     def update_router_bias(self, gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
         """Auxiliary-loss-free bias update of this rank's routers (pass the load all-reduced over dp x ep)."""
-        for i, m in enumerate(self.moe_layers()):
-            m.gate.update_bias(gamma, None if load_LE is None else load_LE[i])
+        update_router_biases(self.moe_layers(), gamma, load_LE)
 
     def set_balance_loss_weight(self, weight: float) -> None:
         """Gradient weight of the sequence balance loss (alpha / n_microbatches)."""
-        for m in self.moe_layers():
-            m.aux_loss_weight = weight
+        set_balance_loss_weight(self.moe_layers(), weight)
 
     def balance_loss(self) -> torch.Tensor:
         """Sum over all MoE layers of the whole model (all pipeline ranks) of the last balance loss."""
