@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dist_launch import finish_worker  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.moe import GroupedExperts, LocalDispatcher, Router  # noqa: E402
@@ -186,15 +187,7 @@ def main():
     dist.all_reduce(total)
     check("fp8 payload <= 0.55 x bf16", total[0] > 0 and total[1] <= 0.55 * total[0], f"{total.tolist()}")
 
-    failures = torch.tensor([len(FAILURES)])
-    dist.all_reduce(failures)
-    for line in FAILURES:
-        print(line, flush=True)
-    dist.barrier()
-    if dist.get_rank() == 0 and int(failures) == 0:
-        print("DIST_DISPATCH_OK", flush=True)
-    dist.destroy_process_group()
-    sys.exit(1 if FAILURES else 0)
+    finish_worker(FAILURES, "DIST_DISPATCH_OK")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from dist_launch import finish_worker  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
@@ -153,15 +154,7 @@ def main():
         trained[name, layout.ep] = (run_layout(base, batch[:STEPS], ref_history, layout, name), layout)
     check_resharding(base, *trained["hierarchical", 4], sys.argv[1], batch[STEPS])
 
-    failures = torch.tensor([len(FAILURES)])
-    dist.all_reduce(failures)
-    for line in FAILURES:
-        print(line, flush=True)
-    dist.barrier()
-    if dist.get_rank() == 0 and int(failures) == 0:
-        print("DIST_EP_OK", flush=True)
-    dist.destroy_process_group()
-    sys.exit(1 if FAILURES else 0)
+    finish_worker(FAILURES, "DIST_EP_OK")
 
 
 if __name__ == "__main__":

@@ -17,3 +17,20 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> str
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-6000:]}")
     return output
+
+
+def finish_worker(failures: list, ok_marker: str) -> None:
+    """End a torchrun worker: print this rank's failures, print `ok_marker` on rank 0 when no rank
+    failed, barrier, destroy the process group and exit non-zero if this rank failed."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([len(failures)])
+    dist.all_reduce(total)
+    for line in failures:
+        print(line, flush=True)
+    dist.barrier()
+    if dist.get_rank() == 0 and int(total) == 0:
+        print(ok_marker, flush=True)
+    dist.destroy_process_group()
+    sys.exit(1 if failures else 0)
