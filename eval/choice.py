@@ -10,13 +10,13 @@ and the continuation's tokens are those of the whole text after the context's to
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .bpb import prefix_token
+from .jsonl import iter_jsonl
 from .scoring import score_continuations
 
 
@@ -39,13 +39,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
 def read_choice_examples(path: Union[str, Path], limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """Examples of a `.jsonl` file, one {"context": str, "choices": [str, ...], "label": int} a line
     (`label` may also be the text of the right choice)."""
-    path = Path(path)
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        ex = json.loads(line)
-        where = f"{path}:{n}"
+    for where, ex in iter_jsonl(path):
         if not isinstance(ex, dict) or not isinstance(ex.get("context"), str):
             raise ValueError(f"{where}: each line must be an object with a string 'context'")
         choices = ex.get("choices")

@@ -8,7 +8,6 @@ normalization, taking the text after GSM8K's `#### ` marker when there is one.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from model.mla import LatentKVCache
 
 from .bpb import prefix_token
+from .jsonl import iter_jsonl
 
 
 @torch.no_grad()
@@ -130,17 +130,13 @@ def answer_matches(prediction: str, answer: str) -> Dict[str, bool]:
 
 def read_gen_examples(path: Union[str, Path], limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """Examples of a `.jsonl` file, one {"prompt": str, "answer": str, "stop": [str, ...] (optional)} a line."""
-    path = Path(path)
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        ex = json.loads(line)
+    for where, ex in iter_jsonl(path):
         if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) or "answer" not in ex:
-            raise ValueError(f"{path}:{n}: each line must be an object with a string 'prompt' and an 'answer'")
+            raise ValueError(f"{where}: each line must be an object with a string 'prompt' and an 'answer'")
         stop = ex.get("stop", [])
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ValueError(f"{path}:{n}: 'stop' must be a list of strings")
+            raise ValueError(f"{where}: 'stop' must be a list of strings")
         examples.append({"prompt": ex["prompt"], "answer": str(ex["answer"]), "stop": stop})
         if limit is not None and len(examples) >= limit:
             break

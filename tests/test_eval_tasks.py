@@ -210,3 +210,16 @@ def test_cli_prints_one_json_line_per_task(hf_pair, capsys, tmp_path):
             assert result["n"] == 2 and len(samples.read_text().splitlines()) == 2
     assert eval_main([str(hf_dir), "--task", "bpb", "--data", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_task_files_with_bad_lines_name_the_file_and_line(tmp_path):
+    good = {"context": "a", "choices": ["b", "c"], "label": 1}
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    assert [ex["label"] for ex in read_choice_examples(path)] == [1, 1]
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"task\.jsonl:2: not valid JSON"):
+        read_choice_examples(path)
+    path.write_text(json.dumps({"prompt": "p"}) + "\n")
+    with pytest.raises(ValueError, match=r"task\.jsonl:1: each line must be an object"):
+        read_gen_examples(path)
