@@ -105,9 +105,9 @@ def banner(cfg, trainer, world: int, resumed) -> str:
     t = cfg.train
     n_params = sum(p.numel() for p in trainer.model.parameters())
     dp = data_parallel_size(cfg, world)
-    accum = t.global_batch // (t.micro_batch * dp)
+    accum = t.global_batch // (trainer.micro_batch * dp)
     text = (f"train.py: {n_params / 1e6:.2f}M parameters, {trainer.dist.device}, precision={cfg.precision.name}, "
-            f"world {world} (dp {dp}), batch {t.global_batch} x {t.seq_len} tokens (micro {t.micro_batch}, "
+            f"world {world} (dp {dp}), batch {t.global_batch} x {t.seq_len} tokens (micro {trainer.micro_batch}, "
             f"accumulation {accum}), {t.steps} steps = {trainer.schedules.total_tokens / 1e6:.2f}M tokens, "
             f"out_dir={trainer.out_dir}")
     if resumed is not None:

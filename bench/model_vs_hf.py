@@ -7,6 +7,11 @@ mode; ours also computes its sequence-wise balance loss, as it does when trainin
 bf16 (all weights in that dtype), after warm-up, the two models are timed alternately, the order
 swapped every round, and the medians are compared. Prints one JSON line per case:
 {"bench": "model_vs_hf", "case": "fwd_bwd_fp32", "unit": "tokens/s", "ours": x, "peer": ..., "peer_value": y, "ratio": x/y}.
+
+`--profile` adds, per dtype, where a step's time goes: self CPU time of the ATen ops under
+torch.profiler, in ms per step, grouped into GEMMs, the cross-entropy's log-softmax, attention's
+softmax, memory movement (copies, casts, fills, indexing, concatenation) and everything else
+(elementwise math, reductions, routing), one row per group (ratio = ours / peer: lower is better).
 """
 from __future__ import annotations
 
@@ -66,8 +71,42 @@ def time_pair(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+OP_GROUPS = {
+    "gemm": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm"),
+    "cross_entropy_log_softmax": ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss",
+                                  "aten::nll_loss_forward", "aten::nll_loss_backward"),
+    "attention_softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "memory_movement": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::_to_copy", "aten::clone", "aten::cat",
+                        "aten::index", "aten::index_select", "aten::index_put_", "aten::_index_put_impl_",
+                        "aten::index_add_", "aten::index_copy_", "aten::scatter_", "aten::scatter_add_",
+                        "aten::gather", "aten::stack", "aten::contiguous", "aten::empty", "aten::empty_strided"),
+}
+
+
+def profile_groups(step: Callable[[], None], steps: int) -> Dict[str, float]:
+    """Self CPU ms per step of each op group (OP_GROUPS, plus "other") over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    group_of = {op: group for group, ops in OP_GROUPS.items() for op in ops}
+    totals = {group: 0.0 for group in list(OP_GROUPS) + ["other"]}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            totals[group_of.get(event.key, "other")] += event.self_cpu_time_total / 1e3 / steps
+    return totals
+
+
+def profile_rows(name: str, steps: Dict[str, Callable[[], None]], n_steps: int) -> List[Dict]:
+    """One JSON row per op group: ms per step of ours and the peer."""
+    ours, peer = profile_groups(steps["ours"], n_steps), profile_groups(steps["peer"], n_steps)
+    return [{"bench": "model_vs_hf", "case": f"profile_{name}_{group}", "unit": "ms/step (self CPU)",
+             "ours": round(ours[group], 2), "peer": PEER, "peer_value": round(peer[group], 2),
+             "ratio": round(ours[group] / peer[group], 3) if peer[group] else None} for group in ours]
+
+
 def run(dtypes: Sequence[str], batch: int, seq: int, warmup: int, repeats: int, threads: int,
-        config: str = "tiny") -> List[Dict]:
+        config: str = "tiny", profile: bool = False) -> List[Dict]:
     torch.set_num_threads(threads)
     ours, peer = build_pair(config)
     tokens = torch.randint(0, ours.cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
@@ -76,13 +115,15 @@ def run(dtypes: Sequence[str], batch: int, seq: int, warmup: int, repeats: int, 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         ours.to(dtype)
         peer.to(dtype)
-        seconds = time_pair({"ours": step_fn(ours, tokens, False), "peer": step_fn(peer, tokens, True)},
-                            warmup, repeats)
+        steps = {"ours": step_fn(ours, tokens, False), "peer": step_fn(peer, tokens, True)}
+        seconds = time_pair(steps, warmup, repeats)
         n_tokens = batch * seq
         mine, theirs = n_tokens / seconds["ours"], n_tokens / seconds["peer"]
         rows.append({"bench": "model_vs_hf", "case": f"fwd_bwd_{name}", "unit": "tokens/s",
                      "ours": round(mine, 2), "peer": PEER, "peer_value": round(theirs, 2),
                      "ratio": round(mine / theirs, 3)})
+        if profile:
+            rows.extend(profile_rows(name, steps, repeats))
     return rows
 
 
@@ -95,12 +136,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", default="tiny", help="model config name under configs/model/")
+    parser.add_argument("--profile", action="store_true", help="also print where a step's time goes, by op group")
     args = parser.parse_args(argv)
     dtypes = [d for d in args.dtypes.split(",") if d]
     for d in dtypes:
         if d not in ("fp32", "bf16"):
             parser.error(f"--dtypes: {d!r} is not one of fp32, bf16")
-    for row in run(dtypes, args.batch, args.seq, args.warmup, args.repeats, args.threads, args.config):
+    for row in run(dtypes, args.batch, args.seq, args.warmup, args.repeats, args.threads, args.config, args.profile):
         print(json.dumps(row), flush=True)
     return 0
 

@@ -11,7 +11,7 @@ weights are re-quantized in backward from the (master) weights rather than cache
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,39 +73,50 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
 
 
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
-    """Grouped SwiGLU experts down(silu(gate(x)) * up(x)) over rows sorted by expert, in FP8.
+    """Grouped SwiGLU experts down(silu(gate(x)) * up(x) * w) over rows sorted by expert, in FP8.
 
     Gate and up run as one GEMM against the weights stacked [E, 2I, D] (quantized per 128x128
-    block of the stack).
+    block of the stack). The optional per-row gate weight w scales the SwiGLU output before the
+    down projection, so the MoE combine keeps nothing of the output's size for backward.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                counts: Sequence[int], pow2: bool) -> torch.Tensor:
+                counts: Sequence[int], pow2: bool, row_weight: Optional[torch.Tensor]) -> torch.Tensor:
         out_dtype = _out_dtype(x)
         xq, xs = ops.quantize_1x128(x, pow2)
         guq, gus = ops.quantize_128x128(torch.cat([w_gate, w_up], dim=1), pow2)
         dq, ds = ops.quantize_128x128(w_down, pow2)
         gu = ops.fp8_gemm_grouped_m(xq, xs, guq, gus, counts, out_dtype)
         g, u = gu.float().chunk(2, dim=-1)
-        hq, hs = ops.quantize_1x128(F.silu(g) * u, pow2)
+        h = F.silu(g) * u
+        if row_weight is not None:
+            h = h * row_weight.float().unsqueeze(1)
+        hq, hs = ops.quantize_1x128(h, pow2)
         y = ops.fp8_gemm_grouped_m(hq, hs, dq, ds, counts, out_dtype)
         gu_q, gu_s = ops.quantize_1x128(gu, pow2)
-        ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate, w_up, w_down)
+        ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate, w_up, w_down, row_weight)
         ctx.counts, ctx.pow2, ctx.x_dtype = list(counts), pow2, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xq, xs, gu_q, gu_s, w_gate, w_up, w_down = ctx.saved_tensors
+        xq, xs, gu_q, gu_s, w_gate, w_up, w_down, row_weight = ctx.saved_tensors
         counts, pow2, inter = ctx.counts, ctx.pow2, w_gate.shape[1]
         g, u = ops.dequantize(gu_q, gu_s).chunk(2, dim=-1)
         silu_g = F.silu(g)
+        a = silu_g * u
         dyq, dys = ops.quantize_1x128(dy, pow2)
         dq, ds = ops.quantize_128x128(w_down, pow2)
         dh = ops.fp8_gemm_grouped_m(dyq, dys, dq.transpose(1, 2), ds.transpose(1, 2), counts, torch.float32)
+        d_row_weight = None
+        if row_weight is not None:
+            w_N1 = row_weight.float().unsqueeze(1)
+            if ctx.needs_input_grad[6]:
+                d_row_weight = (dh * a).sum(dim=1).to(row_weight.dtype)
+            a, dh = a * w_N1, dh * w_N1
         dyt, dyts = ops.quantize_128x1(dy, pow2, counts=counts)
-        ht, hts = ops.quantize_128x1(silu_g * u, pow2, counts=counts)
+        ht, hts = ops.quantize_128x1(a, pow2, counts=counts)
         dw_down = ops.fp8_gemm_grouped_k(dyt, dyts, ht, hts, counts)
         dgu = torch.cat([dh * u * _silu_grad(g), dh * silu_g], dim=-1)
         dx = None
@@ -116,14 +127,16 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         dgut, dguts = ops.quantize_128x1(dgu, pow2, counts=counts)
         xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
         dw_gate_up = ops.fp8_gemm_grouped_k(dgut, dguts, xt, xts, counts)
-        return dx, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down, None, None
+        return dx, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down, None, None, d_row_weight
 
 
 def fp8_swiglu_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                       counts: Sequence[int], pow2: bool = False) -> torch.Tensor:
+                       counts: Sequence[int], pow2: bool = False,
+                       row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Experts' SwiGLU on x [T, D] (rows sorted by expert, counts[e] rows for expert e) in FP8.
 
-    w_gate, w_up [E, I, D], w_down [E, D, I]. Returns [T, D] in x's dtype (the autocast dtype under
+    w_gate, w_up [E, I, D], w_down [E, D, I]; `row_weight` [T] (optional) scales each row's SwiGLU
+    output before the down projection. Returns [T, D] in x's dtype (the autocast dtype under
     autocast). Gradients of the weights are fp32.
     """
-    return FP8SwiGLUExpertsFunction.apply(x, w_gate, w_up, w_down, [int(c) for c in counts], pow2)
+    return FP8SwiGLUExpertsFunction.apply(x, w_gate, w_up, w_down, [int(c) for c in counts], pow2, row_weight)

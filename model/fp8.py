@@ -17,6 +17,8 @@ the report (the down-projections as well) and stores less. o_proj is outside the
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -57,9 +59,11 @@ class FP8GroupedExperts(GroupedExperts):
 
     fp8_pow2: bool = True
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
+                row_weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
         w_gate, w_up = self.gate_up_proj.chunk(2, dim=1)
-        return fp8_swiglu_experts(x_ND, w_gate, w_up, self.down_proj, counts_E.tolist(), self.fp8_pow2)
+        return fp8_swiglu_experts(x_ND, w_gate, w_up, self.down_proj, counts_E.tolist(), self.fp8_pow2,
+                                  row_weight_N)
 
 
 class _Recompute(torch.autograd.Function):

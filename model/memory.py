@@ -34,12 +34,14 @@ counted as 2 B), expert inputs and SwiGLU inputs are kept in FP8, the SwiGLU out
     attention:   2 D h  (norm input, MLA input)  +  H v_head_dim h  (o_proj input)
     dense MLP:   D h (norm input)  +  D f  +  2 I f
     MoE:         2 D h (norm input, router input)  +  4 E (fp32 scores)
-                 + k (D f + 2 I_moe f + D h)   routed experts: input, SwiGLU input, output for combine
+                 + k (D f + 2 I_moe f + 4)     routed experts: input, SwiGLU input, fp32 gate weight (applied
+                                              before the down projection, so no output is kept)
                  + n_shared (D f + 2 I_moe f)  shared experts
 
 MTP modules count as layers of the last stage (plus 2 D h for their enorm/hnorm inputs). The head
 adds 6 V B per token and prediction (bf16 logits and their fp32 copy for the cross-entropy) once,
-on the last stage, for 1 + num_nextn_predict_layers predictions.
+on the last stage, for 1 + num_nextn_predict_layers predictions; with `fused_head_loss`
+(model/head_loss.py, on under precision=fp8) only its input and the label, D h + 8 B.
 For precision=bf16/fp32 the model does not recompute MLA, so the estimate is a lower bound there.
 
 Micro-batches in flight (multiplier of one micro-batch's activations of all the rank's layers):
@@ -82,6 +84,7 @@ class Layout:
     seq_len: int = 4096
     precision: str = "bf16"
     moments_dtype: str = "bf16"
+    fused_head_loss: bool = False
 
 
 def check_layout(cfg: ModelConfig, layout: Layout) -> None:
@@ -96,6 +99,8 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
                          f"parallel.ep ({layout.ep}): every EP rank holds n_routed_experts / ep experts")
     if layout.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {layout.precision!r}")
+    if not isinstance(layout.fused_head_loss, bool):
+        raise ValueError(f"precision.fused_head_loss must be true or false, got {layout.fused_head_loss!r}")
     if layout.moments_dtype not in MOMENT_BYTES:
         raise ValueError(f"optim.moments_dtype must be one of {sorted(MOMENT_BYTES)}, got {layout.moments_dtype!r}")
 
@@ -155,7 +160,7 @@ def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str)
         return attn + D * h + D * f + 2 * cfg.intermediate_size * f
     I = cfg.moe_intermediate_size
     moe = 2 * D * h + 4 * cfg.n_routed_experts
-    moe += cfg.num_experts_per_tok * (D * f + 2 * I * f + D * h)
+    moe += cfg.num_experts_per_tok * (D * f + 2 * I * f + 4)
     moe += cfg.n_shared_experts * (D * f + 2 * I * f)
     return attn + moe
 
@@ -185,7 +190,8 @@ def rank_activation_bytes(cfg: ModelConfig, layout: Layout) -> List[float]:
             for k in range(cfg.num_nextn_predict_layers):
                 per_token += activation_bytes_per_token(cfg, cfg.num_hidden_layers + k, layout.precision)
                 per_token += 2 * cfg.hidden_size * h
-            head = 6 * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers) * tokens
+            per_prediction = cfg.hidden_size * h + 8 if layout.fused_head_loss else 6 * cfg.vocab_size
+            head = per_prediction * (1 + cfg.num_nextn_predict_layers) * tokens
         out.append(per_token * tokens * in_flight(layout, rank) + head)
     return out
 

@@ -60,28 +60,66 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, inter_dim))
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
+                row_weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Row n -> expert(x[n]), times row_weight_N[n] when given (applied to the SwiGLU output
+        before the down projection: the same product, but backward keeps nothing of size D)."""
         gate, up = grouped_linear(x_ND, self.gate_up_proj, counts_E).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.down_proj, counts_E)
+        hidden = F.silu(gate) * up
+        if row_weight_N is not None:
+            hidden = hidden * row_weight_N.unsqueeze(1).to(hidden.dtype)
+        return grouped_linear(hidden, self.down_proj, counts_E)
 
 
 class LocalDispatcher:
-    """Single-process dispatch: sort (token, expert) pairs by expert, run experts, weighted sum."""
+    """Single-process dispatch: sort (token, expert) pairs by expert, run the experts with each pair's
+    gate weight applied inside, and sum a token's K outputs in fp32."""
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
         T, K = topk_idx_TK.shape
         flat_idx = topk_idx_TK.flatten()
         order = torch.argsort(flat_idx, stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts_E = torch.bincount(flat_idx, minlength=experts.num_experts)
-        y_sorted = experts(x_TD[order // K], counts_E)
-        y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
-        return combine(y_TKD, topk_weight_TK).to(x_TD.dtype)
+        weight_N = topk_weight_TK.flatten().index_select(0, order)
+        y_sorted = experts(_RowsToExperts.apply(x_TD, order, inverse, K), counts_E, weight_N)
+        y_TKD = _RowsFromExperts.apply(y_sorted, order, inverse).view(T, K, -1)
+        return y_TKD.sum(dim=1, dtype=torch.float32).to(x_TD.dtype)
 
 
-def combine(y_TKD: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of a token's expert outputs, in fp32 (the recipe keeps the combine high precision)."""
-    return torch.bmm(weight_TK.float().unsqueeze(1), y_TKD.float()).squeeze(1)
+class _RowsToExperts(torch.autograd.Function):
+    """Row n of the output is token order[n] // K: each token once per selected expert, sorted by expert.
+
+    Backward gathers every copy's gradient through the inverse permutation and sums a token's K
+    copies, which is cheaper on every device than autograd's scatter-add for indexing.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, K: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.K = K
+        return x_TD.index_select(0, torch.div(order, K, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        inverse, = ctx.saved_tensors
+        grad_TD = grad_ND.index_select(0, inverse).view(-1, ctx.K, grad_ND.shape[-1]).sum(dim=1)
+        return grad_TD, None, None, None
+
+
+class _RowsFromExperts(torch.autograd.Function):
+    """Undoes the expert sort: output row i is input row inverse[i] (a permutation, so backward is a gather)."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return y_ND.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        order, = ctx.saved_tensors
+        return grad_ND.index_select(0, order), None, None
 
 
 class Router(nn.Module):

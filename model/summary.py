@@ -14,7 +14,7 @@ Overrides: `hidden_size=512` or `model.hidden_size=512` change the model config,
 `train.seq_len=8192` the sequence length (FLOP count and activations); the layout:
 `parallel.pp= parallel.dp= parallel.ep= parallel.schedule= parallel.stages_per_rank=
 parallel.layers_per_stage=[..] parallel.zero=true|false train.micro_batch= precision=bf16|fp8|fp32
-optim.moments_dtype=bf16|fp32`.
+precision.fused_head_loss=true|false (default: the precision config's) optim.moments_dtype=bf16|fp32`.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> Dict[str, flo
 LAYOUT_KEYS = {"parallel.pp": "pp", "parallel.dp": "dp", "parallel.ep": "ep", "parallel.schedule": "schedule",
                "parallel.stages_per_rank": "stages_per_rank", "parallel.layers_per_stage": "layers_per_stage",
                "parallel.zero": "zero", "train.micro_batch": "micro_batch", "precision": "precision",
-               "optim.moments_dtype": "moments_dtype"}
+               "precision.fused_head_loss": "fused_head_loss", "optim.moments_dtype": "moments_dtype"}
 
 
 def split_layout_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, object], List[str]]:
@@ -114,12 +114,21 @@ def split_layout_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, object],
     return fields, rest
 
 
+def precision_default(precision: str, key: str):
+    """`key` of `configs/precision/<precision>.yaml` (False when the file or key is absent: a bad
+    precision name is reported by the layout check)."""
+    path = CONFIG_DIR.parent / "precision" / f"{precision}.yaml"
+    return bool(OmegaConf.load(path).get(key, False)) if path.is_file() else False
+
+
 def main(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
     try:
         fields, rest = split_layout_overrides(argv[1:])
+        if "fused_head_loss" not in fields:
+            fields["fused_head_loss"] = precision_default(str(fields.get("precision", "bf16")), "fused_head_loss")
         cfg, seq_len = load_model_config(argv[0], rest)
         memory = memory_per_gpu(cfg, Layout(seq_len=seq_len, **fields))
     except (ValueError, FileNotFoundError) as err:

@@ -6,14 +6,14 @@ global index so a pipeline stage that keeps a subset still has the same paramete
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
 from .config import ModelConfig
+from .head_loss import prediction_loss
 from .mla import LatentKVCache
 from .moe import (GroupedExperts, MoE, Router, set_balance_loss_weight, stacked_expert_load,
                   update_router_biases)
@@ -23,6 +23,10 @@ from .rope import RotaryEmbedding
 
 
 class Transformer(nn.Module):
+    fused_head_loss: bool = False
+    """`lm_loss`'s default: head + cross-entropy without keeping logits (model/head_loss.py); the
+    trainer sets it from `precision.fused_head_loss`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -57,6 +61,15 @@ class Transformer(nn.Module):
                 return_mtp: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Logits [B, S, V]. With `return_mtp`, also a list of D tensors: entry k-1 holds
         [B, S-k, V] logits where position i predicts token i+k+1."""
+        h, emb = self.trunk(tokens_BS, cache=cache)
+        logits = self.lm_head(self.norm(h))
+        if not return_mtp:
+            return logits
+        return logits, [self.lm_head(x) for x in self.mtp_head_inputs(h, emb)]
+
+    def trunk(self, tokens_BS: torch.Tensor, *,
+              cache: Optional[LatentKVCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and blocks: (last hidden states [B, S, D] before the final norm, embeddings)."""
         S = tokens_BS.shape[1]
         start = cache.length() if cache is not None else 0
         emb = self.embed_tokens(tokens_BS)
@@ -64,16 +77,17 @@ class Transformer(nn.Module):
         h = emb
         for block in self.layers.values():
             h = block(h, rope, cache)
-        logits = self.lm_head(self.norm(h))
-        if not return_mtp:
-            return logits
-        mtp_logits = []
+        return h, emb
+
+    def mtp_head_inputs(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> Iterator[torch.Tensor]:
+        """For each MTP depth k, lazily: what `lm_head` is applied to, [B, S-k, D] (after the
+        module's own norm), from the trunk's hidden states and embeddings."""
+        S, prev = h_BSD.shape[1], h_BSD
         for k, module in enumerate(self.mtp, start=1):
             if S - k <= 0:
-                break
-            h = module(h[:, :-1], emb[:, k:], self.rotary(S - k))
-            mtp_logits.append(self.lm_head(module.norm(h)))
-        return logits, mtp_logits
+                return
+            prev = module(prev[:, :-1], emb_BSD[:, k:], self.rotary(S - k))
+            yield module.norm(prev)
 
     def moe_layers(self) -> List[MoE]:
         """Every MoE layer, main blocks first, then the MTP blocks."""
@@ -105,15 +119,21 @@ def maxvio(load_LE: torch.Tensor) -> float:
     return float((load_LE.float().max(dim=1).values / mean - 1).max())
 
 
-def lm_loss(model: Transformer, tokens_BT: torch.Tensor) -> Dict[str, torch.Tensor]:
+def lm_loss(model: Transformer, tokens_BT: torch.Tensor, *,
+            fused_head_loss: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Cross-entropy of next-token prediction on tokens[:, :-1] -> tokens[:, 1:], and the mean MTP loss.
 
-    Returns {"loss": main CE, "mtp_loss": mean over depths of the MTP CE (0 without MTP)}.
+    Returns {"loss": main CE, "mtp_loss": mean over depths of the MTP CE (0 without MTP)}. Labels equal
+    to -100 are ignored, as by F.cross_entropy. `fused_head_loss` (default `model.fused_head_loss`)
+    computes head and cross-entropy chunk by chunk without keeping the logits for backward
+    (model/head_loss.py: same loss and gradients to rounding, one more head GEMM; `lm_head`'s own
+    forward and hooks are then not called).
     """
     inputs, labels = tokens_BT[:, :-1], tokens_BT[:, 1:]
-    logits, mtp_logits = model(inputs, return_mtp=True)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-    mtp_losses = [F.cross_entropy(lg.flatten(0, 1).float(), labels[:, k:].flatten())
-                  for k, lg in enumerate(mtp_logits, start=1)]
+    fused = model.fused_head_loss if fused_head_loss is None else fused_head_loss
+    h, emb = model.trunk(inputs)
+    loss = prediction_loss(model.norm(h), model.lm_head, labels, fused)
+    mtp_losses = [prediction_loss(hk, model.lm_head, labels[:, k:], fused)
+                  for k, hk in enumerate(model.mtp_head_inputs(h, emb), start=1)]
     mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else loss.new_zeros(())
     return {"loss": loss, "mtp_loss": mtp_loss}

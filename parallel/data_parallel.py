@@ -171,14 +171,14 @@ class Zero1:
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """L2 norm of the whole model's averaged gradient: every element is held by exactly one rank."""
+        """L2 norm (fp64) of the whole model's averaged gradient: every element is held by exactly one rank."""
         sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device if self.params else "cpu")
         for s in self.shards:
             if s.grad is not None and s.grad.numel():
                 sq += s.grad.double().pow(2).sum()
         if dist.is_initialized():
             dist.all_reduce(sq)
-        return sq.sqrt().float()
+        return sq.sqrt()
 
     @torch.no_grad()
     def clip_grads(self, max_norm: float, total_norm: float) -> None:

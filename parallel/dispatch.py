@@ -142,7 +142,8 @@ def wire_dtype(x: torch.Tensor) -> torch.dtype:
 
 def run_local_experts(experts: GroupedExperts, x_CD: torch.Tensor, idx_CK: torch.Tensor,
                       w_CK: torch.Tensor) -> torch.Tensor:
-    """For each received row, sum over its experts on this rank of w * expert(x) (fp32, cast to x dtype).
+    """For each received row, sum over its experts on this rank of w * expert(x) (fp32, cast to x dtype);
+    the gate weight w enters the expert before its down projection, as in the local dispatcher.
 
     When no (row, expert) pair arrives, the experts are not called but enter the graph with a zero
     contribution, so their gradients are zeros rather than None on every rank.
@@ -153,11 +154,12 @@ def run_local_experts(experts: GroupedExperts, x_CD: torch.Tensor, idx_CK: torch
     order = torch.argsort(e_P, stable=True)
     c_P, k_P, e_P = c_P[order], k_P[order], e_P[order]
     if c_P.numel() == 0:
-        y_PD = x_CD.new_zeros(0, D) + 0.0 * (x_CD.sum() + sum(p.sum() for p in experts.parameters()))
+        params = sum(p.sum() for p in experts.parameters())
+        y_PD = x_CD.new_zeros(0, D) + 0.0 * (x_CD.sum() + w_CK.sum() + params)
     else:
-        y_PD = experts(x_CD[c_P], torch.bincount(e_P, minlength=experts.num_experts))
-    weighted_PD = y_PD.float() * w_CK[c_P, k_P].float().unsqueeze(1)
-    y_CD = torch.zeros(C, D, dtype=torch.float32, device=x_CD.device).index_add(0, c_P, weighted_PD)
+        counts_E = torch.bincount(e_P, minlength=experts.num_experts)
+        y_PD = experts(x_CD[c_P], counts_E, w_CK[c_P, k_P].float())
+    y_CD = torch.zeros(C, D, dtype=torch.float32, device=x_CD.device).index_add(0, c_P, y_PD.float())
     return y_CD.to(x_CD.dtype)
 
 

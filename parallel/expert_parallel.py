@@ -160,13 +160,15 @@ class ExpertParallel:
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """L2 norm of the whole model's gradient (after `reduce_gradients`); inf/nan propagate."""
-        sq = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for name, p in self.model.named_parameters():
-            if p.grad is not None:
-                sq[int(is_expert_param(name))] += p.grad.double().square().sum()
-        dist.all_reduce(sq[1:], group=self.layout.ep_group)
-        return sq.sum().sqrt().float()
+        """L2 norm (fp64) of the whole model's gradient after `reduce_gradients`, computed as one process
+        does (`training.optim.grad_norm`: the norm of the per-parameter fp64 norms, in parameter order);
+        an expert tensor's norm combines the squared norms of its EP shards. inf/nan propagate."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for _, p in named])
+        expert = torch.tensor([is_expert_param(n) for n, _ in named], device=self.device)
+        squares = torch.where(expert, norms.square(), torch.zeros_like(norms))
+        dist.all_reduce(squares, group=self.layout.ep_group)
+        return torch.linalg.vector_norm(torch.where(expert, squares.sqrt(), norms))
 
     @torch.no_grad()
     def expert_load(self) -> torch.Tensor:

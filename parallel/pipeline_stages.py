@@ -29,9 +29,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.head_loss import prediction_loss
 from model.transformer import Transformer
 
 DEFAULT_STAGES_PER_RANK = {"1f1b": 1, "interleaved_1f1b": 2, "zbv": 2, "dualpipev": 2}
@@ -123,6 +123,7 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         if self.is_last:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
+        self.fused_head_loss = model.fused_head_loss
         self.rotary = model.rotary
         self.hidden_size = model.cfg.hidden_size
 
@@ -143,8 +144,7 @@ class StageModule(nn.Module):
     def _losses(self, h_BSD: torch.Tensor, e_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor) -> torch.Tensor:
         """stack([CE of the head, mean over depths of the MTP CE]) as in `model.transformer.lm_loss`."""
         S = h_BSD.shape[1]
-        logits = self.lm_head(self.norm(h_BSD))
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels_BS.flatten())
+        loss = prediction_loss(self.norm(h_BSD), self.lm_head, labels_BS, self.fused_head_loss)
         mtp_losses = []
         if len(self.mtp) and S > 1:
             # embedding of input tokens 1..S-1 (input token j+1 is label j)
@@ -154,8 +154,7 @@ class StageModule(nn.Module):
                 if S - k <= 0:
                     break
                 h = module(h[:, :-1], emb_next[:, k - 1:], self.rotary(S - k))
-                logits_k = self.lm_head(module.norm(h))
-                mtp_losses.append(F.cross_entropy(logits_k.flatten(0, 1).float(), labels_BS[:, k:].flatten()))
+                mtp_losses.append(prediction_loss(module.norm(h), self.lm_head, labels_BS[:, k:], self.fused_head_loss))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else loss.new_zeros(())
         return torch.stack([loss, mtp_loss])
 

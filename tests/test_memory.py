@@ -105,6 +105,8 @@ def test_activations_follow_micro_batch_and_pipeline_depth():
     layers = sum(activation_bytes_per_token(cfg, i, "bf16") for i in range(cfg.num_hidden_layers))
     head = 6 * cfg.vocab_size * S
     assert one * GIB == layers * S + head
+    fused = memory_per_gpu(cfg, Layout(seq_len=S, fused_head_loss=True))["memory_breakdown"]["activations_gib"]
+    assert fused * GIB == layers * S + (2 * cfg.hidden_size + 8) * S  # head input (bf16) and label only
     # 1F1B with pp=2: rank 0 holds 2 micro-batches of its two layers (the head is on rank 1).
     rank0 = 2 * S * sum(activation_bytes_per_token(cfg, i, "bf16") for i in range(2))
     rank1 = S * sum(activation_bytes_per_token(cfg, i, "bf16") for i in range(2, 4)) + head
@@ -139,7 +141,8 @@ def test_summary_cli_prints_memory_and_layout():
     row = json.loads(out.stdout)
     cfg, seq_len = load_model_config("tiny")
     expected = memory_per_gpu(cfg, Layout(pp=2, ep=2, dp=2, schedule="dualpipev", micro_batch=2,
-                                          precision="fp8", seq_len=seq_len))
+                                          precision="fp8", seq_len=seq_len, fused_head_loss=True))
+    assert row["layout"]["fused_head_loss"] is True  # configs/precision/fp8.yaml turns it on
     assert row["memory_gib_per_gpu"] == pytest.approx(expected["memory_gib_per_gpu"])
     assert row["memory_breakdown"] == pytest.approx(expected["memory_breakdown"])
     assert row["layout"]["world_size"] == 8 and row["layout"]["schedule"] == "dualpipev"

@@ -41,3 +41,17 @@ def test_bench_prints_json_rows():
         assert r["peer"] == "transformers DeepseekV3ForCausalLM"
         assert r["ours"] > 0 and r["peer_value"] > 0
         assert abs(r["ratio"] - r["ours"] / r["peer_value"]) < 0.01 * r["ratio"] + 0.001
+
+
+def test_bench_profile_rows_account_for_the_step():
+    """--profile splits each model's step into op groups; GEMMs are a real share of both."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert model_vs_hf.main(["--dtypes", "fp32", "--batch", "1", "--seq", "32", "--warmup", "1",
+                                 "--repeats", "2", "--profile"]) == 0
+    rows = {r["case"]: r for r in map(json.loads, out.getvalue().splitlines())}
+    groups = [f"profile_fp32_{g}" for g in list(model_vs_hf.OP_GROUPS) + ["other"]]
+    assert list(rows) == ["fwd_bwd_fp32"] + groups
+    for side in ("ours", "peer_value"):
+        total = sum(rows[g][side] for g in groups)
+        assert total > 0 and rows["profile_fp32_gemm"][side] > 0.05 * total

@@ -70,12 +70,16 @@ def _stage_chain(model, n_stages, v_shaped):
             for s in range(n_stages)]
 
 
-@pytest.mark.parametrize("v_shaped", [False, True])
-def test_stages_back_to_back_equal_the_whole_model(v_shaped):
-    """Loss values and every gradient of the chained stage modules equal lm_loss on the whole model."""
+@pytest.mark.parametrize("v_shaped,fused_head_loss", [(False, False), (True, False), (True, True)])
+def test_stages_back_to_back_equal_the_whole_model(v_shaped, fused_head_loss):
+    """Loss values and every gradient of the chained stage modules equal lm_loss on the whole model
+    (plain head loss); with `fused_head_loss` the last stage computes them without logits."""
     cfg = ModelConfig(**CFG)
     model = Transformer(cfg)
     whole = copy.deepcopy(model)
+    model.fused_head_loss = fused_head_loss
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
     tokens = torch.randint(0, cfg.vocab_size, (3, 11))
     ref = lm_loss(whole, tokens)
     (ref["loss"] + 0.3 * ref["mtp_loss"]).backward()
@@ -91,6 +95,7 @@ def test_stages_back_to_back_equal_the_whole_model(v_shaped):
     want = dict(whole.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert bool(head_calls) != fused_head_loss
 
 
 def test_stage_modules_keep_the_model_names():

@@ -27,6 +27,7 @@ def test_bad_override_fails_fast_and_writes_nothing(tmp_path, override, named):
 @pytest.mark.parametrize("overrides, world, named", [
     (["train.global_batch=10", "train.micro_batch=4"], 1, "train.global_batch (10) must be a multiple of train.micro_batch"),
     (["train.global_batch=8", "train.micro_batch=2"], 3, "train.micro_batch x data-parallel size = 2 x 3"),
+    (["train.global_batch=10"], 4, "train.global_batch (10) must be a multiple of the data-parallel size 4"),
     (["train.seq_len=2048"], 1, "train.seq_len (2048) exceeds model.max_position_embeddings (1024)"),
     (["parallel.pp=2"], 2, "1F1B needs at least parallel.pp = 2 micro-batches"),
     (["parallel.pp=4", "parallel.schedule=zbv", "train.micro_batch=2"], 4,
@@ -61,3 +62,13 @@ def test_defaults_validate_and_two_ranks_share_the_batch():
     mcfg = validate(cfg, 1)
     assert (cfg.model.hidden_size, mcfg.vocab_size, cfg.data.name, cfg.precision.name) == (256, 4096, "stdlib", "bf16")
     assert job_config.data_parallel_size(compose_job(["train.global_batch=32"]), 2) == 2
+
+
+def test_null_micro_batch_is_each_ranks_whole_share():
+    cfg = compose_job(["parallel.ep=2"])
+    validate(cfg, 4)
+    assert cfg.train.micro_batch is None and cfg.train.global_batch == 16
+    assert job_config.micro_batch_size(cfg, 4) == 4 and job_config.batch_unit(cfg, 4) == 4
+    explicit = compose_job(["train.micro_batch=2"])
+    validate(explicit, 4)
+    assert job_config.micro_batch_size(explicit, 4) == 2 and job_config.batch_unit(explicit, 4) == 8

@@ -41,8 +41,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class PrecisionConfig:
-    """`precision=bf16|fp8|fp32`: bf16 autocast, FP8 GEMMs (model.fp8), or plain fp32."""
+    """`precision=bf16|fp8|fp32`: bf16 autocast, FP8 GEMMs (model.fp8), or plain fp32.
+
+    `fused_head_loss`: output head + cross-entropy without keeping logits for backward
+    (model/head_loss.py; on in configs/precision/fp8.yaml)."""
     name: str = "bf16"
+    fused_head_loss: bool = False
 
 
 @dataclass
@@ -106,6 +110,10 @@ class OptimConfig:
 class TrainConfig:
     """Run length, batch shape and the token-based schedules of the MTP weight and bias update speed.
 
+    `global_batch` sequences make one optimizer step; each data-parallel rank (dp x ep of them) gets
+    global_batch / (dp x ep) and runs them `micro_batch` at a time, accumulating gradients in
+    between. `micro_batch` null: no accumulation, each rank runs its whole share in one forward.
+
     `peak_tflops` (per device) is the MFU denominator; null means 989 (H100 bf16 dense) on CUDA and,
     on CPU, the matmul throughput measured on a 2-core x86 machine: 0.45 TFLOP/s per thread in bf16,
     0.1 in fp32.
@@ -113,7 +121,7 @@ class TrainConfig:
     steps: int = 1000
     seq_len: int = 256
     global_batch: int = 16
-    micro_batch: int = 16
+    micro_batch: Optional[int] = None
     batch_ramp_start: int = 0
     batch_ramp_frac: float = 0.0
     mtp_lambda: float = 0.3
@@ -213,6 +221,20 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
     return dp * par.ep
 
 
+def micro_batch_size(cfg: DictConfig, dp: int) -> int:
+    """Sequences per forward pass on each rank: `train.micro_batch`, or when it is null the rank's
+    whole share of the global batch, train.global_batch / `dp` (no gradient accumulation)."""
+    t = cfg.train
+    return t.micro_batch if t.micro_batch is not None else t.global_batch // dp
+
+
+def batch_unit(cfg: DictConfig, dp: int) -> int:
+    """What every step's global batch is a multiple of (batch-ramp sizes are rounded down to it):
+    train.micro_batch x `dp`, or `dp` when train.micro_batch is null."""
+    t = cfg.train
+    return (t.micro_batch if t.micro_batch is not None else 1) * dp
+
+
 def _check_choice(value: str, allowed: tuple, name: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -248,21 +270,23 @@ def _check_pipeline(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
     if t.batch_ramp_start:
         raise ConfigError("parallel.pp > 1 runs a fixed number of micro-batches per step; set "
                           f"train.batch_ramp_start=0 (got {t.batch_ramp_start})")
-    if t.global_batch % (t.micro_batch * dp):
+    if t.global_batch % batch_unit(cfg, dp):
         return  # reported by _check_train with the batch settings
+    micro = micro_batch_size(cfg, dp)
     layers = OmegaConf.to_container(par.layers_per_stage) if par.layers_per_stage is not None else None
     try:
         spr = check_schedule(par.schedule, par.pp, par.stages_per_rank)
-        check_microbatches(par.schedule, par.pp, spr, t.global_batch // (t.micro_batch * dp))
+        check_microbatches(par.schedule, par.pp, spr, t.global_batch // (micro * dp))
         split_layers(mcfg.num_hidden_layers, par.pp * spr, layers)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        hint = "; train.micro_batch is null (one micro-batch per rank): set it" if t.micro_batch is None else ""
+        raise ConfigError(f"{err}{hint}") from None
 
 
 def _check_train(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
     t = cfg.train
     for name in ("steps", "seq_len", "global_batch", "micro_batch", "max_skipped_in_row"):
-        if t[name] < 1:
+        if t[name] is not None and t[name] < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {t[name]}")
     if t.seq_len > mcfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
@@ -270,13 +294,18 @@ def _check_train(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
     if t.seq_len <= mcfg.num_nextn_predict_layers:
         raise ConfigError(f"train.seq_len ({t.seq_len}) must exceed model.num_nextn_predict_layers "
                           f"({mcfg.num_nextn_predict_layers})")
-    unit = t.micro_batch * dp
+    unit = batch_unit(cfg, dp)
+    if t.micro_batch is None:
+        unit_name = f"the data-parallel size {dp} (world size / parallel.pp; train.micro_batch is null)"
+        share = f", since each rank runs global_batch / {dp} sequences in one forward"
+    else:
+        unit_name = f"train.micro_batch x data-parallel size = {t.micro_batch} x {dp} = {unit}"
+        share = ""
     if t.global_batch % unit:
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
-                          f"data-parallel size = {t.micro_batch} x {dp} = {unit}")
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of {unit_name}{share}")
     if t.batch_ramp_start and not unit <= t.batch_ramp_start <= t.global_batch:
         raise ConfigError(f"train.batch_ramp_start ({t.batch_ramp_start}) must be 0 (no ramp) or between "
-                          f"train.micro_batch x dp = {unit} and train.global_batch ({t.global_batch})")
+                          f"{unit_name} and train.global_batch ({t.global_batch})")
     for name in ("batch_ramp_frac", "mtp_lambda_switch_frac", "bias_gamma_switch_frac"):
         if not 0.0 <= t[name] <= 1.0:
             raise ConfigError(f"train.{name} must be in [0, 1], got {t[name]}")

@@ -28,7 +28,7 @@ from parallel.expert_parallel import ExpertParallel
 from parallel.mesh import build_layout
 
 from . import checkpoint
-from .config import data_parallel_size, resolve_path
+from .config import batch_unit, data_parallel_size, micro_batch_size, resolve_path
 from .distributed import Dist
 from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger
@@ -89,6 +89,7 @@ def peak_flops(cfg: DictConfig, device: torch.device) -> float:
 def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Transformer:
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
+    model.fused_head_loss = cfg.precision.fused_head_loss
     if cfg.precision.name == "fp8":
         importlib.import_module("model.fp8").apply_fp8(model)
     return model.train()
@@ -118,8 +119,9 @@ def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, de
         pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node, dispatcher=par.dispatcher,
         n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group, device_type=device.type)
     layers = OmegaConf.to_container(par.layers_per_stage) if par.layers_per_stage is not None else None
-    return PipelineParallel(model, layout, micro_batch=t.micro_batch, seq_len=t.seq_len,
-                            n_microbatches=t.global_batch // (t.micro_batch * dp), make_optimizer=make_optimizer,
+    micro = micro_batch_size(cfg, dp)
+    return PipelineParallel(model, layout, micro_batch=micro, seq_len=t.seq_len,
+                            n_microbatches=t.global_batch // (micro * dp), make_optimizer=make_optimizer,
                             schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
                             zero=par.zero)
 
@@ -141,7 +143,8 @@ class Trainer:
 
         self.par = pipeline_parallel(self.model, cfg, mcfg, dist.device, self.ep, make_optimizer, self.dp)
         self.optimizer = self.par.optimizer if self.par else make_optimizer(self.model.named_parameters())
-        self.schedules = Schedules(cfg.optim, cfg.train, cfg.train.micro_batch * self.dp)
+        self.micro_batch = micro_batch_size(cfg, self.dp)
+        self.schedules = Schedules(cfg.optim, cfg.train, batch_unit(cfg, self.dp))
         self.dataset = train_batches(cfg, inputs, dp_rank=self.par.replica if self.par else dist.rank,
                                      dp_world=self.dp)
         self.bytes_per_token = shard_stats(inputs.val_dir)["bytes_per_token"]
@@ -202,7 +205,7 @@ class Trainer:
                                          gamma=s.bias_gamma(p.tokens), alpha=self.mcfg.aux_loss_alpha,
                                          grad_clip=cfg.optim.grad_clip, autocast=self.autocast, ep=self.ep)
         else:
-            result = train_step(self.model, self.optimizer, list(rows.split(cfg.train.micro_batch)),
+            result = train_step(self.model, self.optimizer, list(rows.split(self.micro_batch)),
                                 mtp_lambda=s.mtp_lambda(p.tokens), gamma=s.bias_gamma(p.tokens),
                                 alpha=self.mcfg.aux_loss_alpha, grad_clip=cfg.optim.grad_clip,
                                 autocast=self.autocast, dist=self.dist, ep=self.ep)

@@ -6,8 +6,8 @@ stays constant, decays by cosine to 0.1x, then holds two constant tails; the bat
 and 0.1 after; the bias update speed γ is 0.001 until the last 500B tokens and 0 after. Here every
 threshold is a fraction of the run's planned tokens (`planned_tokens`, ramp included), so the same
 shape fits a run of any length. The batch ramp is linear in tokens over a fraction of the nominal
-tokens (steps x global_batch x seq_len), rounded down to a multiple of micro_batch x dp so that
-gradient accumulation stays exact.
+tokens (steps x global_batch x seq_len), rounded down to a multiple of the batch unit (micro_batch x
+dp, or dp when micro_batch is null) so that every rank gets whole micro-batches.
 """
 from __future__ import annotations
 
