@@ -25,20 +25,26 @@ Bytes per parameter held by a rank (training/optim.py, parallel/data_parallel.py
   parallel.zero (ZeRO-1) dense moments are sharded over dp x ep and routed-expert moments over dp.
   `Layout.zero` defaults to True here (the recommended layouts use it; it is a no-op at dp = ep = 1).
 
-Activations per token and layer (bytes; h = 2 B, the bf16 element; f = the size of an FP8-cached
-element: 1 B under fp8, 2 B under bf16, 4 B under fp32 where h = 4 B too), following the FP8
-recipe's caching and recomputation (model/fp8.py): RMSNorms keep their input, MLA keeps its
-normalized input and recomputes projections and the attention core, o_proj's input is kept (E5M6,
-counted as 2 B), expert inputs and SwiGLU inputs are kept in FP8, the SwiGLU output is recomputed:
+Activations per token and layer (bytes; r = 4 B, the fp32 residual stream and norm outputs, fp32
+because the master weights are fp32 and autocast only casts GEMM inputs; h = 2 B, the bf16 element,
+4 B under fp32; f = the size of an FP8-cached element: 1 B under fp8, 2 B under bf16, 4 B under
+fp32, plus s = 4/128 B of fp32 scale per element under fp8; e = 1.5 B for o_proj's E5M6-cached
+input under fp8, else h), following the FP8 recipe's caching and recomputation (model/fp8.py):
+RMSNorms keep their input, MLA keeps its normalized input and recomputes projections and the
+attention core, o_proj's input is kept in E5M6, expert inputs and SwiGLU inputs are kept in FP8,
+the SwiGLU output is recomputed:
 
-    attention:   2 D h  (norm input, MLA input)  +  H v_head_dim h  (o_proj input)
-    dense MLP:   D h (norm input)  +  D f  +  2 I f
-    MoE:         2 D h (norm input, router input)  +  4 E (fp32 scores)
-                 + k (D f + 2 I_moe f + 4)     routed experts: input, SwiGLU input, fp32 gate weight (applied
-                                              before the down projection, so no output is kept)
-                 + n_shared (D f + 2 I_moe f)  shared experts
+    attention:   2 D r  (norm input, MLA input)  +  H v_head_dim e + 4  (o_proj input, its scale)
+    dense MLP:   D r (norm input)  +  (D + 2 I) (f + s)
+    MoE:         2 D r (norm input, router input)  +  4 E (fp32 scores)
+                 + k ((D + 2 I_moe) (f + s) + 32)   routed experts: input and SwiGLU input, plus per
+                                    (token, expert) pair the fp32 gate weight (applied before the
+                                    down projection, so no output is kept), the int64 expert index
+                                    and the two int64 permutation indices
+                 + n_shared (D + 2 I_moe) (f + s)   shared experts
 
-MTP modules count as layers of the last stage (plus 2 D h for their enorm/hnorm inputs). The head
+MTP modules count as layers of the last stage, plus 2 D r for their enorm/hnorm inputs and
+2 D (f + s) for eh_proj's input. The head
 adds 6 V B per token and prediction (bf16 logits and their fp32 copy for the cross-entropy) once,
 on the last stage, for 1 + num_nextn_predict_layers predictions; with `fused_head_loss`
 (model/head_loss.py, on under precision=fp8) only its input and the label, D h + 8 B.
@@ -150,19 +156,26 @@ def rank_param_counts(cfg: ModelConfig, layout: Layout) -> List[Dict[str, int]]:
     return out
 
 
-def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str) -> int:
+def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str) -> float:
     """Bytes kept for backward per token by block `layer_idx` (formula in the module docstring)."""
-    h = 4 if precision == "fp32" else 2
-    f = {"fp32": 4, "bf16": 2, "fp8": 1}[precision]
+    r, h = 4, (4 if precision == "fp32" else 2)
+    f = {"fp32": 4, "bf16": 2, "fp8": 1 + 4 / 128}[precision]
+    e = 1.5 if precision == "fp8" else h
     D = cfg.hidden_size
-    attn = 2 * D * h + cfg.num_attention_heads * cfg.v_head_dim * h
+    attn = 2 * D * r + cfg.num_attention_heads * cfg.v_head_dim * e + 4
     if not cfg.is_moe_layer(layer_idx):
-        return attn + D * h + D * f + 2 * cfg.intermediate_size * f
+        return attn + D * r + (D + 2 * cfg.intermediate_size) * f
     I = cfg.moe_intermediate_size
-    moe = 2 * D * h + 4 * cfg.n_routed_experts
-    moe += cfg.num_experts_per_tok * (D * f + 2 * I * f + 4)
-    moe += cfg.n_shared_experts * (D * f + 2 * I * f)
+    moe = 2 * D * r + 4 * cfg.n_routed_experts
+    moe += cfg.num_experts_per_tok * ((D + 2 * I) * f + 32)
+    moe += cfg.n_shared_experts * (D + 2 * I) * f
     return attn + moe
+
+
+def mtp_projection_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
+    """What an MTP module keeps besides its block: enorm and hnorm inputs (fp32) and eh_proj's input."""
+    f = {"fp32": 4, "bf16": 2, "fp8": 1 + 4 / 128}[precision]
+    return 2 * cfg.hidden_size * (4 + f)
 
 
 def in_flight(layout: Layout, rank: int) -> float:
@@ -189,7 +202,7 @@ def rank_activation_bytes(cfg: ModelConfig, layout: Layout) -> List[float]:
         if _holds(layout, rank)["last"]:
             for k in range(cfg.num_nextn_predict_layers):
                 per_token += activation_bytes_per_token(cfg, cfg.num_hidden_layers + k, layout.precision)
-                per_token += 2 * cfg.hidden_size * h
+                per_token += mtp_projection_bytes_per_token(cfg, layout.precision)
             per_prediction = cfg.hidden_size * h + 8 if layout.fused_head_loss else 6 * cfg.vocab_size
             head = per_prediction * (1 + cfg.num_nextn_predict_layers) * tokens
         out.append(per_token * tokens * in_flight(layout, rank) + head)

@@ -154,3 +154,14 @@ def test_summary_cli_rejects_impossible_layouts(capsys):
     assert "parallel.ep" in capsys.readouterr().err
     assert summary_main(["tiny", "parallel.tp=2"]) == 2
     assert "parallel.tp" in capsys.readouterr().err
+
+
+def test_fp8_activation_formula_matches_saved_tensors():
+    """The per-layer formula against the bytes autograd really keeps (bench.activation_memory's
+    saved-tensor hooks) for the FP8 recipe on tiny: Transformer blocks, main layers and MTP block."""
+    from bench.activation_memory import build, per_token
+    cfg, _ = load_model_config("tiny")
+    measured = per_token(build(cfg, recipe=True), seq_len=64)["blocks"]
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    formula = sum(activation_bytes_per_token(cfg, i, "fp8") for i in range(layers))
+    assert abs(formula / measured - 1) < 0.05, (formula, measured)
