@@ -25,8 +25,8 @@ Bytes per parameter held by a rank (training/optim.py, parallel/data_parallel.py
   parallel.zero (ZeRO-1) dense moments are sharded over dp x ep and routed-expert moments over dp.
   `Layout.zero` defaults to True here (the recommended layouts use it; it is a no-op at dp = ep = 1).
 
-Activations per token and layer (bytes; r = 4 B, the fp32 residual stream and norm outputs, fp32
-because the master weights are fp32 and autocast only casts GEMM inputs; h = 2 B, the bf16 element,
+Activations per token and layer (bytes; r = 4 B, the fp32 residual stream, fp32 because the master
+weights are fp32 and autocast only casts GEMM inputs; h = 2 B, the bf16 element (norm outputs),
 4 B under fp32; f = the size of an FP8-cached element: 1 B under fp8, 2 B under bf16, 4 B under
 fp32, plus s = 4/128 B of fp32 scale per element under fp8; e = 1.5 B for o_proj's E5M6-cached
 input under fp8, else h), following the FP8 recipe's caching and recomputation (model/fp8.py):
@@ -34,9 +34,9 @@ RMSNorms keep their input, MLA keeps its normalized input and recomputes project
 attention core, o_proj's input is kept in E5M6, expert inputs and SwiGLU inputs are kept in FP8,
 the SwiGLU output is recomputed:
 
-    attention:   2 D r  (norm input, MLA input)  +  H v_head_dim e + 4  (o_proj input, its scale)
+    attention:   D r + D h  (norm input, MLA input)  +  H v_head_dim e + 4  (o_proj input, its scale)
     dense MLP:   D r (norm input)  +  (D + 2 I) (f + s)
-    MoE:         2 D r (norm input, router input)  +  4 E (fp32 scores)
+    MoE:         D r + D h (norm input, router input)  +  4 E (fp32 scores)
                  + k ((D + 2 I_moe) (f + s) + 32)   routed experts: input and SwiGLU input, plus per
                                     (token, expert) pair the fp32 gate weight (applied before the
                                     down projection, so no output is kept), the int64 expert index
@@ -162,11 +162,11 @@ def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str)
     f = {"fp32": 4, "bf16": 2, "fp8": 1 + 4 / 128}[precision]
     e = 1.5 if precision == "fp8" else h
     D = cfg.hidden_size
-    attn = 2 * D * r + cfg.num_attention_heads * cfg.v_head_dim * e + 4
+    attn = D * (r + h) + cfg.num_attention_heads * cfg.v_head_dim * e + 4
     if not cfg.is_moe_layer(layer_idx):
         return attn + D * r + (D + 2 * cfg.intermediate_size) * f
     I = cfg.moe_intermediate_size
-    moe = 2 * D * r + 4 * cfg.n_routed_experts
+    moe = D * (r + h) + 4 * cfg.n_routed_experts
     moe += cfg.num_experts_per_tok * ((D + 2 * I) * f + 32)
     moe += cfg.n_shared_experts * (D + 2 * I) * f
     return attn + moe

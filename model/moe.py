@@ -122,6 +122,23 @@ class _RowsFromExperts(torch.autograd.Function):
         return grad_ND.index_select(0, order), None, None
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """x @ w^T in fp32 whatever x's dtype (the recipe keeps the gate in fp32), keeping x for backward
+    in its own dtype rather than as an fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return x_TD.float() @ w_ED.float().t()
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        dx = (grad_TE @ w_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad_TE.t() @ x_TD.float()).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 class Router(nn.Module):
     """Sigmoid gate with selection-only bias and group-limited top-k; tracks expert load."""
 
@@ -138,7 +155,7 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (topk_idx [T, K], topk_weight [T, K] fp32, scores [T, E] fp32)."""
         with torch.autocast(x_TD.device.type, enabled=False):
-            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+            scores_TE = _Fp32Linear.apply(x_TD, self.weight).sigmoid()
         topk_idx_TK = self.select(scores_TE.detach())
         weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:
