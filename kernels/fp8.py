@@ -207,11 +207,9 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch.stack([a[:, lo:hi] @ b[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
 
 
-def _group_index(counts: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(end offsets int32 [E], group of every row [M]) for rows sorted into groups of `counts`."""
-    sizes = torch.tensor([int(c) for c in counts], dtype=torch.long)
-    group_of_row = torch.repeat_interleave(torch.arange(len(counts)), sizes)
-    return torch.cumsum(sizes, 0).to(torch.int32).to(device), group_of_row.to(device)
+def _group_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """End offsets (int32 [E]) of rows sorted into groups of `counts`, as torch._grouped_mm takes them."""
+    return torch.cumsum(torch.tensor([int(c) for c in counts], dtype=torch.long), 0).to(torch.int32).to(device)
 
 
 def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -223,7 +221,7 @@ def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     `fp8_gemm`'s per-block promotion up to fp32 rounding, in one grouped matmul.
     """
     _check_gemm(a, a_scale, b, b_scale)
-    offs, _ = _group_index(counts, a.device)
+    offs = _group_offsets(counts, a.device)
     with torch.autocast(device_type=a.device.type, enabled=False):
         out = _grouped_mm(dequantize(a, a_scale), dequantize(b, b_scale).transpose(1, 2), offs)
     return out.to(out_dtype)
@@ -242,7 +240,7 @@ def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
         return torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
     sizes = torch.tensor(ends) - torch.tensor(starts)
     block_of_col = torch.repeat_interleave(torch.arange(len(starts)), sizes).to(a.device)
-    offs, _ = _group_index(counts, a.device)
+    offs = _group_offsets(counts, a.device)
     a_deq = decode_e4m3(a) * a_scale[:, block_of_col]
     b_deq = decode_e4m3(b) * b_scale[:, block_of_col]
     with torch.autocast(device_type=a.device.type, enabled=False):

@@ -75,17 +75,17 @@ def _silu_grad(g: torch.Tensor) -> torch.Tensor:
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     """Grouped SwiGLU experts down(silu(gate(x)) * up(x) * w) over rows sorted by expert, in FP8.
 
-    Gate and up run as one GEMM against the weights stacked [E, 2I, D] (quantized per 128x128
-    block of the stack). The optional per-row gate weight w scales the SwiGLU output before the
+    Gate and up run as one GEMM against their weights stacked [E, 2I, D] (gate rows first, quantized
+    per 128x128 block of the stack). The optional per-row gate weight w scales the SwiGLU output before the
     down projection, so the MoE combine keeps nothing of the output's size for backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 counts: Sequence[int], pow2: bool, row_weight: Optional[torch.Tensor]) -> torch.Tensor:
         out_dtype = _out_dtype(x)
         xq, xs = ops.quantize_1x128(x, pow2)
-        guq, gus = ops.quantize_128x128(torch.cat([w_gate, w_up], dim=1), pow2)
+        guq, gus = ops.quantize_128x128(w_gate_up, pow2)
         dq, ds = ops.quantize_128x128(w_down, pow2)
         gu = ops.fp8_gemm_grouped_m(xq, xs, guq, gus, counts, out_dtype)
         g, u = gu.float().chunk(2, dim=-1)
@@ -95,14 +95,14 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         hq, hs = ops.quantize_1x128(h, pow2)
         y = ops.fp8_gemm_grouped_m(hq, hs, dq, ds, counts, out_dtype)
         gu_q, gu_s = ops.quantize_1x128(gu, pow2)
-        ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate, w_up, w_down, row_weight)
+        ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight)
         ctx.counts, ctx.pow2, ctx.x_dtype = list(counts), pow2, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xq, xs, gu_q, gu_s, w_gate, w_up, w_down, row_weight = ctx.saved_tensors
-        counts, pow2, inter = ctx.counts, ctx.pow2, w_gate.shape[1]
+        xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight = ctx.saved_tensors
+        counts, pow2 = ctx.counts, ctx.pow2
         g, u = ops.dequantize(gu_q, gu_s).chunk(2, dim=-1)
         silu_g = F.silu(g)
         a = silu_g * u
@@ -112,7 +112,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         d_row_weight = None
         if row_weight is not None:
             w_N1 = row_weight.float().unsqueeze(1)
-            if ctx.needs_input_grad[6]:
+            if ctx.needs_input_grad[5]:
                 d_row_weight = (dh * a).sum(dim=1).to(row_weight.dtype)
             a, dh = a * w_N1, dh * w_N1
         dyt, dyts = ops.quantize_128x1(dy, pow2, counts=counts)
@@ -121,22 +121,22 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         dgu = torch.cat([dh * u * _silu_grad(g), dh * silu_g], dim=-1)
         dx = None
         if ctx.needs_input_grad[0]:
-            guq, gus = ops.quantize_128x128(torch.cat([w_gate, w_up], dim=1), pow2)
+            guq, gus = ops.quantize_128x128(w_gate_up, pow2)
             dguq, dgus = ops.quantize_1x128(dgu, pow2)
             dx = ops.fp8_gemm_grouped_m(dguq, dgus, guq.transpose(1, 2), gus.transpose(1, 2), counts, ctx.x_dtype)
         dgut, dguts = ops.quantize_128x1(dgu, pow2, counts=counts)
         xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
         dw_gate_up = ops.fp8_gemm_grouped_k(dgut, dguts, xt, xts, counts)
-        return dx, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down, None, None, d_row_weight
+        return dx, dw_gate_up, dw_down, None, None, d_row_weight
 
 
-def fp8_swiglu_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                        counts: Sequence[int], pow2: bool = False,
                        row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Experts' SwiGLU on x [T, D] (rows sorted by expert, counts[e] rows for expert e) in FP8.
 
-    w_gate, w_up [E, I, D], w_down [E, D, I]; `row_weight` [T] (optional) scales each row's SwiGLU
-    output before the down projection. Returns [T, D] in x's dtype (the autocast dtype under
-    autocast). Gradients of the weights are fp32.
+    w_gate_up [E, 2I, D] (gate rows, then up rows: `GroupedExperts.gate_up_proj`), w_down [E, D, I];
+    `row_weight` [T] (optional) scales each row's SwiGLU output before the down projection. Returns
+    [T, D] in x's dtype (the autocast dtype under autocast). Gradients of the weights are fp32.
     """
-    return FP8SwiGLUExpertsFunction.apply(x, w_gate, w_up, w_down, [int(c) for c in counts], pow2, row_weight)
+    return FP8SwiGLUExpertsFunction.apply(x, w_gate_up, w_down, [int(c) for c in counts], pow2, row_weight)

@@ -49,8 +49,8 @@ class FP8MLP(MLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = fp8_swiglu_experts(x2, self.gate_proj.weight.unsqueeze(0), self.up_proj.weight.unsqueeze(0),
-                               self.down_proj.weight.unsqueeze(0), [x2.shape[0]], self.fp8_pow2)
+        w_gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight]).unsqueeze(0)
+        y = fp8_swiglu_experts(x2, w_gate_up, self.down_proj.weight.unsqueeze(0), [x2.shape[0]], self.fp8_pow2)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -61,8 +61,7 @@ class FP8GroupedExperts(GroupedExperts):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
                 row_weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w_gate, w_up = self.gate_up_proj.chunk(2, dim=1)
-        return fp8_swiglu_experts(x_ND, w_gate, w_up, self.down_proj, counts_E.tolist(), self.fp8_pow2,
+        return fp8_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, counts_E.tolist(), self.fp8_pow2,
                                   row_weight_N)
 
 

@@ -44,10 +44,10 @@ the SwiGLU output is recomputed:
                  + n_shared (D + 2 I_moe) (f + s)   shared experts
 
 MTP modules count as layers of the last stage, plus 2 D r for their enorm/hnorm inputs and
-2 D (f + s) for eh_proj's input. The head
-adds 6 V B per token and prediction (bf16 logits and their fp32 copy for the cross-entropy) once,
-on the last stage, for 1 + num_nextn_predict_layers predictions; with `fused_head_loss`
-(model/head_loss.py, on under precision=fp8) only its input and the label, D h + 8 B.
+2 D (f + s) for eh_proj's input. The head adds 6 V B per token and prediction (bf16 logits and
+their fp32 copy for the cross-entropy) once, on the last stage, for 1 + num_nextn_predict_layers
+predictions; with `fused_head_loss` (model/head_loss.py, on under precision=fp8) only its input
+and the label, D h + 8 B.
 For precision=bf16/fp32 the model does not recompute MLA, so the estimate is a lower bound there.
 
 Micro-batches in flight (multiplier of one micro-batch's activations of all the rank's layers):
@@ -156,11 +156,21 @@ def rank_param_counts(cfg: ModelConfig, layout: Layout) -> List[Dict[str, int]]:
     return out
 
 
+RESIDUAL_BYTES = 4
+"""r of the module docstring: the fp32 residual stream."""
+
+
+def element_bytes(precision: str) -> Dict[str, float]:
+    """{"h": a bf16 activation (4 B under fp32), "f": an FP8-cached element with its share of the
+    1x128 scale (bf16 / fp32 when not fp8), "e": o_proj's cached input (E5M6 under fp8)}."""
+    h = 4 if precision == "fp32" else 2
+    return {"h": h, "f": {"fp32": 4, "bf16": 2, "fp8": 1 + 4 / 128}[precision], "e": 1.5 if precision == "fp8" else h}
+
+
 def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str) -> float:
     """Bytes kept for backward per token by block `layer_idx` (formula in the module docstring)."""
-    r, h = 4, (4 if precision == "fp32" else 2)
-    f = {"fp32": 4, "bf16": 2, "fp8": 1 + 4 / 128}[precision]
-    e = 1.5 if precision == "fp8" else h
+    r, b = RESIDUAL_BYTES, element_bytes(precision)
+    h, f, e = b["h"], b["f"], b["e"]
     D = cfg.hidden_size
     attn = D * (r + h) + cfg.num_attention_heads * cfg.v_head_dim * e + 4
     if not cfg.is_moe_layer(layer_idx):
@@ -174,8 +184,7 @@ def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str)
 
 def mtp_projection_bytes_per_token(cfg: ModelConfig, precision: str) -> float:
     """What an MTP module keeps besides its block: enorm and hnorm inputs (fp32) and eh_proj's input."""
-    f = {"fp32": 4, "bf16": 2, "fp8": 1 + 4 / 128}[precision]
-    return 2 * cfg.hidden_size * (4 + f)
+    return 2 * cfg.hidden_size * (RESIDUAL_BYTES + element_bytes(precision)["f"])
 
 
 def in_flight(layout: Layout, rank: int) -> float:
@@ -194,7 +203,7 @@ def in_flight(layout: Layout, rank: int) -> float:
 def rank_activation_bytes(cfg: ModelConfig, layout: Layout) -> List[float]:
     """Peak activation bytes of every pipeline rank."""
     tokens = layout.micro_batch * layout.seq_len
-    h = 4 if layout.precision == "fp32" else 2
+    h = element_bytes(layout.precision)["h"]
     out = []
     for rank, stages in enumerate(pipeline_stages(cfg, layout)):
         per_token = sum(activation_bytes_per_token(cfg, i, layout.precision) for stage in stages for i in stage)

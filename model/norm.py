@@ -21,6 +21,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         device = x.device.type
-        if torch.is_autocast_enabled(device) and y.is_floating_point():
+        if torch.is_autocast_enabled(device):
             return y.to(torch.get_autocast_dtype(device))
         return y

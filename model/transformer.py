@@ -65,7 +65,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(h))
         if not return_mtp:
             return logits
-        return logits, [self.lm_head(x) for x in self.mtp_head_inputs(h, emb)]
+        return logits, [self.lm_head(x) for x in mtp_head_inputs(self, h, emb[:, 1:])]
 
     def trunk(self, tokens_BS: torch.Tensor, *,
               cache: Optional[LatentKVCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -78,16 +78,6 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             h = block(h, rope, cache)
         return h, emb
-
-    def mtp_head_inputs(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> Iterator[torch.Tensor]:
-        """For each MTP depth k, lazily: what `lm_head` is applied to, [B, S-k, D] (after the
-        module's own norm), from the trunk's hidden states and embeddings."""
-        S, prev = h_BSD.shape[1], h_BSD
-        for k, module in enumerate(self.mtp, start=1):
-            if S - k <= 0:
-                return
-            prev = module(prev[:, :-1], emb_BSD[:, k:], self.rotary(S - k))
-            yield module.norm(prev)
 
     def moe_layers(self) -> List[MoE]:
         """Every MoE layer, main blocks first, then the MTP blocks."""
@@ -119,6 +109,31 @@ def maxvio(load_LE: torch.Tensor) -> float:
     return float((load_LE.float().max(dim=1).values / mean - 1).max())
 
 
+def mtp_head_inputs(parts: nn.Module, h_BSD: torch.Tensor,
+                    emb_next_BSD: Optional[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """For each MTP depth k, lazily: what the head is applied to, [B, S-k, D] (after the module's own
+    norm). `parts` has the Transformer's `mtp` and `rotary` (the model, or its last pipeline stage);
+    h: the trunk's last hidden states; emb_next: the embeddings of input tokens 1..S-1 (unused, may
+    be None, without MTP modules or when S = 1)."""
+    S, prev = h_BSD.shape[1], h_BSD
+    for k, module in enumerate(parts.mtp, start=1):
+        if S - k <= 0:
+            return
+        prev = module(prev[:, :-1], emb_next_BSD[:, k - 1:], parts.rotary(S - k))
+        yield module.norm(prev)
+
+
+def next_token_losses(parts: nn.Module, h_BSD: torch.Tensor, emb_next_BSD: Optional[torch.Tensor],
+                      labels_BS: torch.Tensor, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(main CE, mean over depths of the MTP CE, 0 without MTP) from the trunk's last hidden states;
+    `parts` has the Transformer's `norm`, `lm_head`, `mtp` and `rotary` (see `mtp_head_inputs`).
+    The main loss comes first, then each depth's (the order `lm_loss` and a pipeline's last stage share)."""
+    loss = prediction_loss(parts.norm(h_BSD), parts.lm_head, labels_BS, fused)
+    mtp_losses = [prediction_loss(hk, parts.lm_head, labels_BS[:, k:], fused)
+                  for k, hk in enumerate(mtp_head_inputs(parts, h_BSD, emb_next_BSD), start=1)]
+    return loss, torch.stack(mtp_losses).mean() if mtp_losses else loss.new_zeros(())
+
+
 def lm_loss(model: Transformer, tokens_BT: torch.Tensor, *,
             fused_head_loss: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Cross-entropy of next-token prediction on tokens[:, :-1] -> tokens[:, 1:], and the mean MTP loss.
@@ -132,8 +147,5 @@ def lm_loss(model: Transformer, tokens_BT: torch.Tensor, *,
     inputs, labels = tokens_BT[:, :-1], tokens_BT[:, 1:]
     fused = model.fused_head_loss if fused_head_loss is None else fused_head_loss
     h, emb = model.trunk(inputs)
-    loss = prediction_loss(model.norm(h), model.lm_head, labels, fused)
-    mtp_losses = [prediction_loss(hk, model.lm_head, labels[:, k:], fused)
-                  for k, hk in enumerate(model.mtp_head_inputs(h, emb), start=1)]
-    mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else loss.new_zeros(())
+    loss, mtp_loss = next_token_losses(model, h, emb[:, 1:], labels, fused)
     return {"loss": loss, "mtp_loss": mtp_loss}

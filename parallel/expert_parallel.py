@@ -18,7 +18,7 @@ thing, a DTensor with another ep reads its own slice) and the HF export sees eve
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -138,6 +138,20 @@ def local_state(state: Dict[str, Any]) -> Dict[str, Any]:
     return state.to_local() if isinstance(state, DTensor) else state
 
 
+@torch.no_grad()
+def param_grad_norms(named: List[Tuple[str, torch.Tensor]], layout: ParallelLayout) -> torch.Tensor:
+    """fp64 norm of the gradient of every (name, parameter) of `named` (all have one), in that order;
+    with ep > 1 an expert tensor's norm combines the squared norms of its EP shards (all-reduced over
+    the EP group, whose ranks hold the same names)."""
+    norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for _, p in named])
+    if layout.ep > 1:
+        expert = torch.tensor([is_expert_param(n) for n, _ in named], device=norms.device)
+        squares = torch.where(expert, norms.square(), torch.zeros_like(norms))
+        dist.all_reduce(squares, group=layout.ep_group)
+        norms = torch.where(expert, squares.sqrt(), norms)
+    return norms
+
+
 class ExpertParallel:
     """What a training loop needs for expert parallelism, built on a full `Transformer`.
 
@@ -162,13 +176,9 @@ class ExpertParallel:
     def grad_norm(self) -> torch.Tensor:
         """L2 norm (fp64) of the whole model's gradient after `reduce_gradients`, computed as one process
         does (`training.optim.grad_norm`: the norm of the per-parameter fp64 norms, in parameter order);
-        an expert tensor's norm combines the squared norms of its EP shards. inf/nan propagate."""
+        inf/nan propagate."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for _, p in named])
-        expert = torch.tensor([is_expert_param(n) for n, _ in named], device=self.device)
-        squares = torch.where(expert, norms.square(), torch.zeros_like(norms))
-        dist.all_reduce(squares, group=self.layout.ep_group)
-        return torch.linalg.vector_norm(torch.where(expert, squares.sqrt(), norms))
+        return torch.linalg.vector_norm(param_grad_norms(named, self.layout))
 
     @torch.no_grad()
     def expert_load(self) -> torch.Tensor:

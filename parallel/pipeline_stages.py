@@ -31,8 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from model.head_loss import prediction_loss
-from model.transformer import Transformer
+from model.transformer import Transformer, next_token_losses
 
 DEFAULT_STAGES_PER_RANK = {"1f1b": 1, "interleaved_1f1b": 2, "zbv": 2, "dualpipev": 2}
 V_SHAPED = ("zbv", "dualpipev")
@@ -143,20 +142,11 @@ class StageModule(nn.Module):
 
     def _losses(self, h_BSD: torch.Tensor, e_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor) -> torch.Tensor:
         """stack([CE of the head, mean over depths of the MTP CE]) as in `model.transformer.lm_loss`."""
-        S = h_BSD.shape[1]
-        loss = prediction_loss(self.norm(h_BSD), self.lm_head, labels_BS, self.fused_head_loss)
-        mtp_losses = []
-        if len(self.mtp) and S > 1:
+        emb_next = None
+        if len(self.mtp) and h_BSD.shape[1] > 1:
             # embedding of input tokens 1..S-1 (input token j+1 is label j)
             emb_next = self.embed_tokens(labels_BS[:, :-1]) if self.local_mtp_embedding else e_BSD[:, 1:]
-            h = h_BSD
-            for k, module in enumerate(self.mtp, start=1):
-                if S - k <= 0:
-                    break
-                h = module(h[:, :-1], emb_next[:, k - 1:], self.rotary(S - k))
-                mtp_losses.append(prediction_loss(module.norm(h), self.lm_head, labels_BS[:, k:], self.fused_head_loss))
-        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else loss.new_zeros(())
-        return torch.stack([loss, mtp_loss])
+        return torch.stack(next_token_losses(self, h_BSD, emb_next, labels_BS, self.fused_head_loss))
 
     def io_shapes(self, micro_batch: int, seq_len: int, dtype: torch.dtype) -> Tuple[tuple, tuple]:
         """Example (inputs, outputs) on the meta device: the static shapes the schedule allocates."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from model.transformer import Transformer, lm_loss, maxvio
 
 from .data_parallel import Zero1
-from .expert_parallel import is_expert_param, local_state, reduce_gradients, shard_expert_state
+from .expert_parallel import local_state, param_grad_norms, reduce_gradients, shard_expert_state
 from .mesh import ParallelLayout
 from .pipeline import Pipeline
 
@@ -103,17 +103,11 @@ class PipelineParallel:
         index = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
         norms = torch.zeros(len(index), dtype=torch.float64, device=self.device)
         present = torch.zeros(len(index), device=self.device)
-        expert = torch.zeros(len(index), dtype=torch.bool, device=self.device)
-        for name, p in self.named:
-            if p.grad is not None:
-                i = index[name]
-                norms[i] = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
-                present[i] = 1.0
-                expert[i] = is_expert_param(name) and self.layout.ep > 1
-        if self.layout.ep > 1:
-            squares = torch.where(expert, norms.square(), torch.zeros_like(norms))
-            dist.all_reduce(squares, group=self.layout.ep_group)
-            norms = torch.where(expert, squares.sqrt(), norms)
+        named = [(n, p) for n, p in self.named if p.grad is not None]
+        if named:
+            rows = torch.tensor([index[n] for n, _ in named], device=self.device)
+            norms[rows] = param_grad_norms(named, self.layout)
+            present[rows] = 1.0
         if self.layout.pp > 1:
             dist.all_reduce(norms, group=self.layout.pp_group)
             dist.all_reduce(present, group=self.layout.pp_group)
@@ -148,7 +142,7 @@ class PipelineParallel:
 
     def reset_expert_load(self) -> None:
         """Forget the tokens counted since the last bias update (a skipped step)."""
-        for moe in (self.pipe.moe_layers() if self.pipe is not None else self.model.moe_layers()):
+        for moe in self._moe_source().moe_layers():
             moe.gate.tokens_per_expert.zero_()
 
     def maxvio(self, load_LE: torch.Tensor) -> float:

@@ -95,7 +95,7 @@ def test_fp8_experts_power_of_two_row_weights_scale_exactly(uniform):
     runs = []
     for row_weight in (None, w.clone().requires_grad_()):
         leaves = [t.clone().requires_grad_() for t in [x] + ws]
-        y = fp8_swiglu_experts(*leaves, counts, True, row_weight)
+        y = fp8_swiglu_experts(leaves[0], torch.cat(leaves[1:3], dim=1), leaves[3], counts, True, row_weight)
         y.backward(dy)
         runs.append((y, leaves, row_weight))
     (y0, plain, _), (y1, weighted, row_weight) = runs

@@ -140,11 +140,16 @@ def make_experts(counts, D=256, I=128):
     return x, ws, torch.randn(sum(counts), D)
 
 
+def fp8_experts(x, wg, wu, wd, counts, row_weight=None):
+    """`fp8_swiglu_experts` on separate gate and up weights (stacked as `GroupedExperts` stores them)."""
+    return fp8_swiglu_experts(x, torch.cat([wg, wu], dim=1), wd, counts, True, row_weight)
+
+
 def test_fp8_swiglu_experts_follow_the_recipe():
     counts = [5, 0, 150, 70]
     x, ws, dy = make_experts(counts, D=300, I=130)
     leaves = [t.clone().requires_grad_() for t in [x] + ws]
-    y = fp8_swiglu_experts(*leaves, torch.tensor(counts), True)
+    y = fp8_experts(*leaves, torch.tensor(counts))
     y.backward(dy)
     want = swiglu_recipe_fp64(x, *ws, dy, counts)
     for got, exp in zip([y] + [t.grad for t in leaves], want):
@@ -161,7 +166,7 @@ def test_fp8_swiglu_experts_close_to_bf16_experts():
         leaves = [t.clone().requires_grad_() for t in [x] + ws]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if kind == "fp8":
-                y = fp8_swiglu_experts(*leaves, counts, True)
+                y = fp8_experts(*leaves, counts)
             else:
                 offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
                 wg, wu, wd = (w.bfloat16() for w in leaves[1:])
@@ -250,7 +255,7 @@ def test_fused_head_loss_of_the_fp8_recipe_equals_plain():
 def test_no_tokens_gives_empty_outputs_and_zero_gradients():
     x = torch.randn(0, 256, requires_grad=True)
     ws = [t.requires_grad_() for t in make_experts([0, 0])[1]]
-    fp8_swiglu_experts(x, *ws, [0, 0], True).sum().backward()
+    fp8_experts(x, *ws, [0, 0]).sum().backward()
     w = torch.randn(64, 256, requires_grad=True)
     y = fp8_linear(x, w)
     y.sum().backward()

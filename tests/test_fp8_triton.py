@@ -131,7 +131,7 @@ def check_fp8_linear_and_experts_on_triton():
     for backend in ("reference", "triton"):
         leaves = [t.clone().requires_grad_() for t in [x] + params]
         with ops.use_backend(backend):
-            y = fp8_swiglu_experts(leaves[0], *leaves[1:4], counts, True)
+            y = fp8_swiglu_experts(leaves[0], torch.cat(leaves[1:3], dim=1), leaves[3], counts, True)
             z = fp8_linear(y, leaves[4], True, e5m6_cache=True)
             z.float().square().sum().backward()
         results[backend] = [z] + [t.grad for t in leaves]
