@@ -195,7 +195,8 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- one step
-    def _step(self) -> StepResult:
+    def step(self) -> StepResult:
+        """One optimizer step on the next global batch (no logging, validation or checkpoint)."""
         cfg, p, s = self.cfg, self.progress, self.schedules
         batch = s.batch_size(p.tokens)
         rows = self.dataset.next_batch(batch).to(self.dist.device)
@@ -247,7 +248,7 @@ class Trainer:
             while p.step < total:
                 t0 = time.perf_counter()
                 tokens_before = p.tokens
-                result = self._step()
+                result = self.step()
                 dt = time.perf_counter() - t0
                 window_tokens, window_time, window_steps = (window_tokens + p.tokens - tokens_before,
                                                             window_time + dt, window_steps + 1)

@@ -1,0 +1,124 @@
+"""How much of the communication each pipeline schedule hides, measured on CPU with injected latency.
+
+DeepSeek-V3 section 3.2.1 (Figure 4): DualPipe interleaves the attention, dispatch, MLP and combine
+of a forward chunk and a backward chunk so that the all-to-all of one travels while the other
+computes. On a CPU the network is too fast to show that, so `bench/latency.py` makes every
+collective and point-to-point operation complete no earlier than `--delay-ms` after it starts (a
+sleep, holding no core). For each schedule, a pp=2 x ep=2 run of the tiny model (4 ranks, gloo)
+times training steps without and with the delay, alternately in the same processes, and reports
+
+    exposed fraction = (step time with delay - step time without) / (operations per step x delay)
+
+1.0 means every injected millisecond lengthened the step (nothing hidden), 0 means all of it was
+hidden behind computation. Operations per step are those this rank started (mean over ranks).
+`python -m bench.overlap` launches itself under torchrun and prints one JSON line per schedule:
+{"bench": "overlap", "case": <schedule and sizes>, "unit": "exposed fraction", "ours": f,
+ "peer": "nothing hidden", "peer_value": 1.0, "ratio": f}, plus the per-repeat fractions in `runs`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delay-ms", type=float, default=10.0, help="latency injected into each operation")
+    parser.add_argument("--repeats", type=int, default=3, help="timed step pairs (without, with delay)")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated subset of " + ", ".join(SCHEDULES))
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--microbatches", type=int, default=8, help="DualPipeV needs >= 2 x pp")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.schedules.split(",")) - set(SCHEDULES))
+    if unknown:
+        parser.error(f"--schedules: unknown {unknown}; allowed: {', '.join(SCHEDULES)}")
+    return args
+
+
+def launch(argv: List[str]) -> int:
+    """Re-run this module under torchrun with 4 gloo ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "bench.overlap", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+def measure(schedule: str, args: argparse.Namespace, dist_state, out_root: Path) -> Dict[str, object]:
+    """Time `args.repeats` step pairs of one schedule; returns the JSON row (on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    from bench.latency import InjectedLatency
+    from training.config import compose_job, validate
+    from training.inputs import prepare_inputs
+    from training.loop import Trainer
+
+    cfg = compose_job(["model=tiny", "parallel.pp=2", "parallel.ep=2", f"parallel.schedule={schedule}",
+                       f"train.seq_len={args.seq_len}", f"train.global_batch={args.microbatches}",
+                       "train.micro_batch=1", "logging.wandb.mode=disabled", f"out_dir={out_root / schedule}"])
+    mcfg = validate(cfg, dist_state.world)
+    trainer = Trainer(cfg, mcfg, dist_state, prepare_inputs(cfg, mcfg))
+
+    def timed_step(delay_s: float):
+        dist.barrier()
+        with InjectedLatency(delay_s) as lat:
+            t0 = time.perf_counter()
+            trainer.step()
+        dist.barrier()
+        return time.perf_counter() - t0, lat.total_ops
+
+    timed_step(0.0)
+    delay = args.delay_ms / 1000
+    fractions, plain_times, delayed_times, ops = [], [], [], []
+    for _ in range(args.repeats):
+        t_plain, _ = timed_step(0.0)
+        t_delayed, n_ops = timed_step(delay)
+        times = torch.tensor([t_plain, t_delayed, float(n_ops)], dtype=torch.float64)
+        dist.all_reduce(times)
+        t_plain, t_delayed, n_ops = (times / dist_state.world).tolist()
+        fractions.append((t_delayed - t_plain) / (n_ops * delay))
+        plain_times.append(t_plain)
+        delayed_times.append(t_delayed)
+        ops.append(n_ops)
+    fraction = statistics.median(fractions)
+    return {"bench": "overlap",
+            "case": f"{schedule} pp=2 ep=2 tiny, {args.microbatches} micro-batches x {args.seq_len} tokens, "
+                    f"{args.delay_ms:g} ms per operation, {statistics.mean(ops):.0f} operations per step per rank, "
+                    f"step {statistics.median(plain_times):.3f} s without / {statistics.median(delayed_times):.3f} s "
+                    f"with delay (median of {args.repeats})",
+            "unit": "exposed fraction", "ours": round(fraction, 4), "peer": "nothing hidden", "peer_value": 1.0,
+            "ratio": round(fraction, 4), "runs": [round(f, 4) for f in fractions]}
+
+
+def worker(args: argparse.Namespace) -> None:
+    from training.distributed import init_distributed
+
+    dist_state = init_distributed("cpu")
+    out_root = Path(tempfile.gettempdir()) / "moeforge_bench_overlap"
+    for schedule in args.schedules.split(","):
+        row = measure(schedule, args, dist_state, out_root)
+        if dist_state.is_main:
+            print(json.dumps(row), flush=True)
+    dist_state.shutdown()
+
+
+def main(argv: List[str]) -> None:
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        sys.exit(launch(argv))
+    worker(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
