@@ -8,9 +8,11 @@ minutes on a laptop CPU, on the GPU when there is one. Overrides use Hydra's syn
 schema of `training/config.py`, e.g. `model=small precision=fp32 train.steps=2000 out_dir=runs/a
 data=shards data.train_dir=... logging.wandb.mode=offline`. `--cfg` prints the composed config.
 
-`out_dir` receives config.yaml (resolved), metrics.jsonl, checkpoints/step_<N>/, wandb/ and
-tokenizer/; running the same command again resumes from the newest complete checkpoint.
-Exit status: 0 done (or stopped by SIGTERM/SIGINT after saving), 1 training failed, 2 bad config.
+`out_dir` receives config.yaml (resolved; each start's also in config_starts/), metrics.jsonl,
+checkpoints/step_<N>/, wandb/ and tokenizer/; running the same command again resumes from the
+newest complete checkpoint.
+Exit status: 0 done (or stopped by SIGTERM/SIGINT/checkpoint.signal after saving), 1 training failed
+(including a checkpoint that could not be written, or a rank that died or hung), 2 bad config.
 """
 from __future__ import annotations
 
@@ -62,13 +64,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
 
-    from training.distributed import init_distributed
+    from training.checkpoint import CheckpointError
+    from training.distributed import init_distributed, is_collective_failure
     from training.inputs import prepare_inputs
     from training.loop import Trainer, TrainingError
+    from training.run_config import keep_config
 
     start = time.perf_counter()
     try:
-        dist = init_distributed(cfg.train.device)
+        dist = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     except ConfigError as err:
         print(f"train.py: config error: {err}", file=sys.stderr)
         return 2
@@ -77,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out_dir = resolve_path(cfg.out_dir, Path.cwd())
         if dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            keep_config(out_dir, OmegaConf.to_yaml(cfg, resolve=True))
             inputs.tokenizer.save(out_dir / "tokenizer")
         dist.barrier()
         trainer = Trainer(cfg, mcfg, dist, inputs)
@@ -92,9 +96,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"train.py: config error: {err}", file=sys.stderr)
         dist.shutdown()
         return 2
-    except TrainingError as err:  # decided from all-reduced values: every rank stops at the same step
+    except (TrainingError, CheckpointError) as err:  # every rank stops at the same step with the same error
         print(f"train.py: {err}", file=sys.stderr)
         dist.shutdown()
+        return 1
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
+        # a peer died or hangs: no shutdown barrier, it would wait too
+        print(f"train.py: rank {dist.rank}: a collective failed, another rank died or did not answer within "
+              f"parallel.timeout_s={cfg.parallel.timeout_s:g} s: {str(err).strip().splitlines()[0]}",
+              file=sys.stderr)
         return 1
     dist.shutdown()
     return 0

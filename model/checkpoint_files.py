@@ -5,6 +5,7 @@ Layout (written by the trainer): `out_dir/checkpoints/step_<N>/` holds a torch.d
 `meta.json` ({"step": N, ...}), written last, which marks the directory complete. DCP's `.metadata`
 is a pickle: it is read with an unpickler that only admits DCP's own metadata classes, so reading a
 checkpoint never runs code from it (tensor payloads are read with `torch.load(weights_only=True)`).
+An error while reading a data file is re-raised as a `CheckpointReadError` naming the file.
 """
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import json
 import pickle
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 _ALLOWED_GLOBALS = {
@@ -37,8 +40,29 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
+class CheckpointReadError(RuntimeError):
+    """A file of a checkpoint could not be read; the message starts with the file's name."""
+
+
+class _NamingFileSystem(FileSystem):
+    """DCP's file system whose read errors name the file being read."""
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise CheckpointReadError(f"{Path(path).name}: {type(err).__name__}: {first}") from err
+
+
 class SafeFileSystemReader(FileSystemReader):
     """FileSystemReader whose metadata unpickling admits only DCP metadata classes."""
+
+    def __init__(self, path, *args: Any, **kwargs: Any):
+        super().__init__(path, *args, **kwargs)
+        self.fs = _NamingFileSystem()
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         path = Path(self.path) / ".metadata"

@@ -119,3 +119,24 @@ def test_model_load_gives_the_trained_model(corpus, reference):
     assert float(nll.double().mean()) == pytest.approx(read_metrics(reference)[-1]["val_loss"], rel=1e-6)
     step_model = load(reference / "checkpoints" / f"step_{TOTAL - EVERY}")
     assert not torch.equal(step_model.lm_head.weight, model.lm_head.weight)
+
+
+def test_preemption_signal_with_async_and_wall_time_saves_resumes_exactly(corpus, reference, tmp_path):
+    out_dir = tmp_path / "run"
+    extra = ["checkpoint.async=true", "checkpoint.every=0", "checkpoint.every_minutes=0.0005", "checkpoint.keep=3"]
+    proc = start_train(args(corpus, out_dir) + extra)
+    metrics = out_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= STOP_AFTER, proc)
+    proc.send_signal(signal.SIGUSR1)  # checkpoint.signal's default, Slurm's preemption notice
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    stopped = newest_step(out_dir)
+    assert STOP_AFTER <= stopped < TOTAL and f"stopped by signal SIGUSR1 after step {stopped}" in out
+    assert out.count("checkpoint saved:") >= 3  # by wall time (checkpoint.every=0), then the stop's save
+    assert not list((out_dir / "checkpoints").glob("*.tmp"))
+    resumed = run_train(args(corpus, out_dir) + extra)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {out_dir / 'checkpoints' / f'step_{stopped}'}" in resumed.stdout
+    assert "changed config" not in resumed.stdout
+    assert sorted(p.name for p in (out_dir / "config_starts").iterdir()) == ["000.yaml", "001.yaml"]
+    assert_same_run(out_dir, reference)

@@ -14,6 +14,7 @@ MTP weight 0.3 then 0.1 after 10T tokens; bias update speed 0.001 then 0 for the
 from __future__ import annotations
 
 import importlib.util
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -33,6 +34,9 @@ SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_KINDS = ("stdlib", "shards")
 DEVICES = ("auto", "cpu", "cuda")
+# Signals checkpoint.signal cannot be: uncatchable, already stopping the run, or not a notice.
+NOT_PREEMPTION_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGTERM", "SIGINT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL",
+                          "SIGABRT", "SIGCHLD", "SIGPIPE")
 
 
 class ConfigError(ValueError):
@@ -57,6 +61,7 @@ class ParallelConfig:
     spans several nodes, else flat (rules in parallel/mesh.py). Pipeline (pp > 1): `schedule`,
     `stages_per_rank` (null: 1 for 1f1b, 2 otherwise), `layers_per_stage` (null: even split; rules in
     parallel/pipeline_stages.py). `zero`: ZeRO-1 optimizer-state sharding (parallel/data_parallel.py).
+    `timeout_s`: a collective that waits longer (a rank died or hangs) fails with an error.
     """
     pp: int = 1
     dp: Optional[int] = None
@@ -67,6 +72,7 @@ class ParallelConfig:
     stages_per_rank: Optional[int] = None
     layers_per_stage: Optional[List[int]] = None
     zero: bool = False
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -117,6 +123,9 @@ class TrainConfig:
     `peak_tflops` (per device) is the MFU denominator; null means 989 (H100 bf16 dense) on CUDA and,
     on CPU, the matmul throughput measured on a 2-core x86 machine: 0.45 TFLOP/s per thread in bf16,
     0.1 in fp32.
+
+    `ema_decay` > 0 keeps an exponential moving average of the weights in CPU memory, updated after
+    each step off the training path and saved in checkpoints (training/ema.py); 0 turns it off.
     """
     steps: int = 1000
     seq_len: int = 256
@@ -133,6 +142,7 @@ class TrainConfig:
     max_skipped_in_row: int = 5
     peak_tflops: Optional[float] = None
     device: str = "auto"
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -159,11 +169,31 @@ class EvalConfig:
     batch_size: int = 8
 
 
+def _keyword_field(cls, name: str, python_name: str):
+    """Expose dataclass field `python_name` to OmegaConf/Hydra as `name`, a Python keyword (`async`)."""
+    f = cls.__dataclass_fields__.pop(python_name)
+    f.name = name
+    cls.__dataclass_fields__[name] = f
+    cls.__annotations__[name] = cls.__annotations__.pop(python_name)
+    setattr(cls, name, property(lambda self: getattr(self, python_name)))
+    return cls
+
+
 @dataclass
 class CheckpointConfig:
-    """A checkpoint every `every` steps (0: only at the end and on SIGTERM/SIGINT); the newest `keep` kept."""
+    """A checkpoint every `every` steps and every `every_minutes` of wall time (0: off for either),
+    at the end, on SIGTERM/SIGINT and on `signal` (a scheduler's preemption notice, e.g. Slurm's
+    `--signal=USR1@120`; null: none), which then stops the run; the newest `keep` are kept.
+    `async` (read as cfg.checkpoint["async"]): write in the background after staging the state in
+    host memory (training/checkpointer.py); null: on with CUDA, off on CPU."""
     every: int = 100
     keep: int = 2
+    every_minutes: float = 0.0
+    signal: Optional[str] = "SIGUSR1"
+    async_: Optional[bool] = None
+
+
+_keyword_field(CheckpointConfig, "async", "async_")
 
 
 @dataclass
@@ -283,6 +313,16 @@ def _check_pipeline(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
         raise ConfigError(f"{err}{hint}") from None
 
 
+def _world_sizes(cfg: DictConfig, most: int = 8) -> List[int]:
+    """The first `most` world sizes whose data-parallel size divides train.global_batch (what a
+    restart with fewer or more processes may use)."""
+    par, t = cfg.parallel, cfg.train
+    step = par.pp * par.ep
+    found = [w for w in range(step, t.global_batch * par.pp + 1, step)
+             if t.global_batch % ((t.micro_batch or 1) * (w // par.pp)) == 0]
+    return found[:most]
+
+
 def _check_train(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
     t = cfg.train
     for name in ("steps", "seq_len", "global_batch", "micro_batch", "max_skipped_in_row"):
@@ -302,7 +342,8 @@ def _check_train(cfg: DictConfig, dp: int, mcfg: ModelConfig) -> None:
         unit_name = f"train.micro_batch x data-parallel size = {t.micro_batch} x {dp} = {unit}"
         share = ""
     if t.global_batch % unit:
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of {unit_name}{share}")
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of {unit_name}{share}; "
+                          f"world sizes that divide it: {', '.join(map(str, _world_sizes(cfg)))}")
     if t.batch_ramp_start and not unit <= t.batch_ramp_start <= t.global_batch:
         raise ConfigError(f"train.batch_ramp_start ({t.batch_ramp_start}) must be 0 (no ramp) or between "
                           f"{unit_name} and train.global_batch ({t.global_batch})")
@@ -338,9 +379,17 @@ def _check_io(cfg: DictConfig) -> None:
     if cfg.eval.every < 0 or cfg.eval.batches < 1 or cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.every ({cfg.eval.every}) must be >= 0, eval.batches ({cfg.eval.batches}) "
                           f"and eval.batch_size ({cfg.eval.batch_size}) >= 1")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0 and checkpoint.keep "
-                          f"({cfg.checkpoint.keep}) >= 1")
+    c = cfg.checkpoint
+    if c.every < 0 or c.keep < 1 or c.every_minutes < 0:
+        raise ConfigError(f"checkpoint.every ({c.every}) and checkpoint.every_minutes ({c.every_minutes}) must "
+                          f"be >= 0 and checkpoint.keep ({c.keep}) >= 1")
+    if c.signal is not None:
+        allowed = sorted(s.name for s in signal.Signals if s.name not in NOT_PREEMPTION_SIGNALS)
+        _check_choice(c.signal, tuple(allowed), "checkpoint.signal")
+    if cfg.parallel.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s must be > 0, got {cfg.parallel.timeout_s}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
     d = cfg.data
     _check_choice(d.name, DATA_KINDS, "data.name")
     if d.shuffle_tokens < 0:

@@ -4,12 +4,18 @@
 (NCCL on GPU, gloo on CPU). Data parallelism here is the textbook form: every rank holds the whole
 model, gradients are summed over ranks and divided by the data-parallel size. Sharded (ZeRO) data
 parallelism and the expert/pipeline meshes plug in through `parallel/`.
+
+Every collective fails after `parallel.timeout_s` seconds instead of waiting forever for a rank
+that died or hangs (`train.py` then stops with one line saying so). Checkpoints use a gloo group of
+their own (`Dist.checkpoint_group`), so a background save's collectives never interleave with the
+training's.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List
+from datetime import timedelta
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +29,8 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    checkpoint_group: Optional[Any] = None
+    timeout_s: float = 600.0
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +65,14 @@ class Dist:
             dist.destroy_process_group()
 
 
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective that failed because a peer died or timed out (NCCL: DistError; gloo: a
+    RuntimeError from its transport)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "gloo" in text or "Connection closed by peer" in text or "Timed out waiting" in text))
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """`auto`: this rank's GPU when CUDA is available, else the CPU."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -67,12 +83,27 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_request: str) -> Dist:
-    """Read torchrun's environment, pick the device and start the process group when world > 1."""
+def _store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """torchrun's store, its keys prefixed by the restart count: after `--max-restarts`, torchrun's
+    agent keeps the previous attempt's keys (the peers' addresses), and a restarted rank that reads
+    one before it is overwritten connects to a dead process (reproduced on gloo)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init_distributed(device_request: str, timeout_s: float = 600.0) -> Dist:
+    """Read torchrun's environment, pick the device and start the process group (collectives time
+    out after `timeout_s`) and the checkpoint group when world > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_request, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+    group = None
+    if world > 1:
+        timeout = timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                    store=_store(rank, world, timeout), rank=rank, world_size=world)
+        group = dist.new_group(backend="gloo", timeout=timeout)
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device, checkpoint_group=group,
+                timeout_s=timeout_s)

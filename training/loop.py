@@ -3,10 +3,14 @@
 Per step: take the global batch of the batch-size schedule (this rank's rows), split it into
 micro-batches, set LR / λ / γ from tokens seen, run `step.train_step`; then, when due, validation
 (`eval.every`), a metrics record (`logging.every`, every skipped step, every validation) and a
-checkpoint (`checkpoint.every`). SIGTERM / SIGINT finish the current step, save a checkpoint and
-return normally; `train.max_skipped_in_row` non-finite steps in a row save a checkpoint and raise
-`TrainingError`. Resume restores model, optimizer, counters, data position and RNG, so a resumed
-run repeats the uninterrupted one bit for bit.
+checkpoint (`checkpoint.every` steps, `checkpoint.every_minutes` of wall time; synchronous or in
+the background, training/checkpointer.py). SIGTERM / SIGINT / `checkpoint.signal` (a scheduler's
+preemption notice) finish the current step, save a checkpoint, wait for it and return normally;
+`train.max_skipped_in_row` non-finite steps in a row save a checkpoint and raise `TrainingError`.
+Every decision that ends in a collective (stop, save by time) is all-reduced first, so all ranks
+take it at the same step. Resume restores model, optimizer, counters, data position and RNG, so a
+resumed run repeats the uninterrupted one bit for bit; the checkpoint is chosen by rank 0 and its
+saved config compared with the new one (training/run_config.py).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +32,8 @@ from parallel.expert_parallel import ExpertParallel
 from parallel.mesh import build_layout
 
 from . import checkpoint
-from .config import batch_unit, data_parallel_size, micro_batch_size, resolve_path
+from .checkpointer import Checkpointer
+from .config import ConfigError, batch_unit, data_parallel_size, micro_batch_size, resolve_path
 from .distributed import Dist
 from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger
@@ -54,11 +59,13 @@ class Progress:
 
 
 class StopSignal:
-    """SIGTERM / SIGINT set a flag that the loop checks after each step; a second SIGINT interrupts."""
+    """SIGTERM / SIGINT / `preemption` (a signal name, or None) set a flag that the loop checks after
+    each step; a second SIGINT interrupts."""
 
-    def __init__(self) -> None:
+    def __init__(self, preemption: Optional[str] = None) -> None:
         self.signum: Optional[int] = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = [signal.SIGTERM, signal.SIGINT] + ([signal.Signals[preemption]] if preemption else [])
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -152,6 +159,12 @@ class Trainer:
         self.flops_per_token = flops_per_token(mcfg, cfg.train.seq_len)
         self.peak = peak_flops(cfg, dist.device) * dist.world
         self.progress = Progress()
+        asynchronous = cfg.checkpoint["async"]
+        self.checkpointer = Checkpointer(
+            self.out_dir, cfg.checkpoint.keep,
+            asynchronous=dist.device.type == "cuda" if asynchronous is None else asynchronous,
+            pin_memory=dist.device.type == "cuda", group=dist.checkpoint_group,
+            on_saved=lambda path, s: dist.is_main and print(f"checkpoint saved: {path} ({s:.2f} s)", flush=True))
 
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> Dict[str, Any]:
@@ -160,7 +173,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
         return self.ep.checkpoint_state(state) if self.ep else state
 
-    def save(self) -> Path:
+    def save(self) -> None:
+        """Checkpoint the current step (see Checkpointer: possibly still being written on return)."""
         p = self.progress
         train = {"step": torch.tensor(p.step), "tokens": torch.tensor(p.tokens),
                  "skipped_steps": torch.tensor(p.skipped_steps), "skipped_in_row": torch.tensor(p.skipped_in_row),
@@ -169,13 +183,34 @@ class Trainer:
         if self.dist.device.type == "cuda":
             train["rng_cuda"] = torch.cuda.get_rng_state(self.dist.device)
         meta = {**asdict(p), "lr": self.schedules.lr(p.tokens), "mtp_lambda": self.schedules.mtp_lambda(p.tokens),
-                "bias_gamma": self.schedules.bias_gamma(p.tokens), "data": self.dataset.state_dict()}
-        return checkpoint.save(self.out_dir, p.step, {**self._state(), "train": train}, self.mcfg.to_dict(),
-                               meta, self.cfg.checkpoint.keep)
+                "bias_gamma": self.schedules.bias_gamma(p.tokens), "data": self.dataset.state_dict(),
+                "world": self.dist.world, "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        self.checkpointer.save(p.step, {**self._state(), "train": train}, self.mcfg.to_dict(), meta)
+
+    def _check_config(self) -> None:
+        """Rank 0 compares the newest checkpoint's config with this one; all ranks raise or go on."""
+        from .run_config import check_resume
+
+        verdict = None
+        if self.dist.is_main:
+            saved = checkpoint.newest_meta(self.out_dir)
+            if saved is not None and "config" in saved:
+                try:
+                    verdict = ("warning", check_resume(saved["config"], OmegaConf.to_container(self.cfg, resolve=True),
+                                                       checkpoint.step_dir(self.out_dir, saved["step"])))
+                except ConfigError as err:
+                    verdict = ("error", str(err))
+        verdict = checkpoint.broadcast_object(verdict, self.dist.checkpoint_group)
+        if verdict and verdict[0] == "error":
+            raise ConfigError(verdict[1])
+        if verdict and verdict[1] and self.dist.is_main:
+            print(verdict[1], flush=True)
 
     def resume(self) -> Optional[Path]:
+        """Load the newest loadable checkpoint (rank 0 chooses); None when starting from scratch."""
+        self._check_config()
         state = self._state()
-        found = checkpoint.load_latest(self.out_dir, state)
+        found = checkpoint.load_latest(self.out_dir, state, self.dist.checkpoint_group)
         if found is None:
             return None
         path, train = found
@@ -229,9 +264,13 @@ class Trainer:
                                          dist=self.dist)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
-    def _stop_requested(self, stop: StopSignal) -> bool:
-        flag = torch.tensor([float(stop.signum is not None)], device=self.dist.device)
-        return bool(self.dist.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX).item())
+    def _stop_or_save_by_time(self, stop: StopSignal, last_save: float) -> Tuple[bool, bool]:
+        """(a stop signal arrived on some rank, `checkpoint.every_minutes` have passed on some rank)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        due = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+        flags = torch.tensor([float(stop.signum is not None), float(due)], device=self.dist.device)
+        flags = self.dist.all_reduce_(flags, op=torch.distributed.ReduceOp.MAX).tolist()
+        return bool(flags[0]), bool(flags[1])
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> Dict[str, Any]:
@@ -241,7 +280,8 @@ class Trainer:
                                total, p.step, enabled=self.dist.is_main)
         if p.step >= total:
             logger.print(f"nothing to do: {self.out_dir} already holds step {p.step} of train.steps={total}")
-        stop = StopSignal()
+        stop = StopSignal(cfg.checkpoint.signal)
+        last_save = time.monotonic()
         last: Dict[str, Any] = {}
         window_tokens, window_time, window_steps = 0, 0.0, 0
         try:
@@ -271,20 +311,23 @@ class Trainer:
                     last = record
                     window_tokens, window_time, window_steps = 0, 0.0, 0
                 p.elapsed += time.perf_counter() - t0
-                stopping = self._stop_requested(stop)
+                stopping, by_time = self._stop_or_save_by_time(stop, last_save)
                 too_many = p.skipped_in_row >= cfg.train.max_skipped_in_row
                 if (cfg.checkpoint.every and p.step % cfg.checkpoint.every == 0) or p.step == total \
-                        or stopping or too_many:
-                    path = self.save()
-                    logger.print(f"checkpoint saved: {path}")
+                        or stopping or too_many or by_time:
+                    self.save()
+                    last_save = time.monotonic()
+                if too_many or stopping:
+                    self.checkpointer.wait()
                 if too_many:
                     raise TrainingError(f"stopped at step {p.step}: {p.skipped_in_row} steps in a row had a "
                                         f"non-finite loss or gradient norm (train.max_skipped_in_row="
                                         f"{cfg.train.max_skipped_in_row}); checkpoint saved in {self.out_dir}")
                 if stopping:
-                    logger.print(f"stopped by signal {stop.signum} after step {p.step}; resume by running "
+                    logger.print(f"stopped by signal {signal.Signals(stop.signum).name} after step {p.step}; resume by running "
                                  f"the same command again")
                     break
+            self.checkpointer.close()
         finally:
             stop.restore()
             logger.close()
