@@ -1,5 +1,7 @@
-"""metrics.jsonl follows the contract, W&B offline keeps metrics and config under out_dir/wandb, and a
-run whose steps keep failing stops with a checkpoint and an error."""
+"""metrics.jsonl follows the contract, W&B offline keeps metrics and config under out_dir/wandb, a
+resume after a torn metrics line keeps every step in both, and a run whose steps keep failing stops
+with a checkpoint and an error."""
+import shutil
 import json
 import math
 import struct
@@ -43,11 +45,24 @@ def wandb_records(path):
             yield record
 
 
+def wandb_history(run_file):
+    history, logged_config = [], {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "run":
+            logged_config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+    return history, logged_config
+
+
 def test_metrics_and_wandb_offline(corpus, tmp_path):
     out_dir = tmp_path / "run"
-    env = {k: v for k, v in train_env().items() if k != "WANDB_MODE"}
-    proc = run_train(job_args(corpus, out_dir, "train.steps=8", "logging.every=2", "eval.every=4",
-                              "checkpoint.every=0", "logging.wandb.mode=offline"), env=env)
+    env = {k: v for k, v in train_env().items() if k not in ("WANDB_MODE", "WANDB_SILENT")}
+    args = job_args(corpus, out_dir, "train.steps=8", "logging.every=2", "eval.every=4", "checkpoint.every=4",
+                    "logging.wandb.mode=offline")
+    proc = run_train(args, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = read_metrics(out_dir)
     assert [r["step"] for r in records] == [2, 4, 6, 8]
@@ -63,18 +78,26 @@ def test_metrics_and_wandb_offline(corpus, tmp_path):
 
     runs = list((out_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    history, logged_config = [], {}
-    for record in wandb_records(runs[0]):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
-        elif kind == "run":
-            logged_config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
-    assert [h["_step"] for h in history] == [2, 4, 6, 8]
+    history, logged_config = wandb_history(runs[0])
+    assert [h["step"] for h in history] == [2, 4, 6, 8]  # plotted against `step`; W&B's own _step increases
     for h, r in zip(history, records):
         assert h["loss"] == r["loss"] and h["lr"] == r["lr"] and h.get("val_loss") == r.get("val_loss")
     assert logged_config["train"]["steps"] == 8 and logged_config["out_dir"] == str(out_dir)
+
+    # the job dies after step 8's metrics line was half written and before its checkpoint was complete
+    shutil.rmtree(out_dir / "checkpoints" / "step_8")
+    with (out_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "tokens": 11')
+    again = run_train(args, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "metrics.jsonl:5: dropped a torn line" in again.stdout
+    assert [r["step"] for r in read_metrics(out_dir)] == [2, 4, 6, 8]
+    assert read_metrics(out_dir) == records[:2] + read_metrics(out_dir)[2:]
+    second = [r for r in (out_dir / "wandb").glob("offline-run-*/run-*.wandb") if r != runs[0]]
+    assert len(second) == 1 and second[0].parent.name.endswith(runs[0].parent.name.split("-")[-1])
+    replayed, _ = wandb_history(second[0])
+    assert [h["step"] for h in replayed] == [6, 8]  # the replayed steps are kept, none dropped
+    assert [h["loss"] for h in replayed] == [r["loss"] for r in records[2:]]
 
 
 def test_non_finite_steps_in_a_row_stop_with_checkpoint(corpus, tmp_path):

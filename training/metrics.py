@@ -3,8 +3,11 @@
 `metrics.jsonl` holds one JSON object per logged step (blueprint section 4: step, tokens, loss,
 mtp_loss, lr, grad_norm, tokens_per_s, mfu, maxvio, time, skipped_steps, balance_loss; val_loss and
 val_bpb on validation steps). On resume the records after the checkpoint's step are dropped so the
-file reads as one run. W&B runs under `out_dir/wandb`, resumes the same run id when the job is
-resumed, and gets the resolved config. Only rank 0 logs.
+file reads as one run; a torn last line (the job died while writing it) is dropped with a warning.
+W&B runs under `out_dir/wandb`, resumes the same run id when the job is resumed, and gets the
+resolved config. Records are logged with W&B's own increasing step and plotted against their
+`step` field (`define_metric`): W&B refuses a step lower than one it has seen, so passing our step
+would drop every step replayed after a resume. W&B's warnings are shown. Only rank 0 logs.
 """
 from __future__ import annotations
 
@@ -74,11 +77,20 @@ class MetricsLogger:
             self.run = self._start_wandb(out_dir, config, wandb_cfg, mode)
 
     def _truncate_after(self, step: int) -> None:
-        """Keep only records up to `step` (those the resumed checkpoint has seen)."""
+        """Keep only records up to `step` (those the resumed checkpoint has seen); drop torn lines."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"warning: {self.path}:{number}: dropped a torn line ({line[:40]!r}...)", flush=True)
+                continue
+            if record["step"] <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     @staticmethod
@@ -90,10 +102,12 @@ class MetricsLogger:
         id_file = wandb_dir / "run_id"
         if not id_file.is_file():
             id_file.write_text(secrets.token_hex(4))
-        return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
-                          tags=list(wandb_cfg.tags) or None, dir=str(out_dir), mode=mode, config=config,
-                          id=id_file.read_text().strip(), resume="allow",
-                          settings=wandb.Settings(console="off", silent=True))
+        run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                         tags=list(wandb_cfg.tags) or None, dir=str(out_dir), mode=mode, config=config,
+                         id=id_file.read_text().strip(), resume="allow", settings=wandb.Settings(console="off"))
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+        return run
 
     def log(self, record: Dict[str, Any], eta_s: Optional[float] = None, console: bool = True) -> None:
         """Append `record` to metrics.jsonl, send it to W&B, and print a console line."""
@@ -102,7 +116,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.run.log(record)
         if console:
             print(console_line(record, self.total_steps, eta_s), flush=True)
 
