@@ -43,6 +43,27 @@ def _read_index(shard_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_shards(shard_dir: Path, fingerprint: str, vocab_size: int) -> dict:
+    """index.json of a shard directory once its documents, tokenizer and token ids are checked:
+    ValueError (naming the directory) when it holds no document, was prepared with a tokenizer of
+    another fingerprint (or an older data.prepare that recorded none), or holds ids >= vocab_size;
+    a shard whose .bin and .idx.npy disagree is named too."""
+    index = _read_index(shard_dir)
+    if not index.get("documents"):
+        raise ValueError(f"shard directory {shard_dir} holds no documents")
+    made_with = index.get("tokenizer_fingerprint")
+    if made_with != fingerprint:
+        made = f"another tokenizer ({index.get('tokenizer')}, fingerprint {made_with})" if made_with else \
+            "a data.prepare that recorded no tokenizer fingerprint"
+        raise ValueError(f"shard directory {shard_dir} was prepared with {made}, not with this job's tokenizer "
+                         f"(fingerprint {fingerprint}); prepare the shards again with it")
+    if index["max_token_id"] >= vocab_size:
+        raise ValueError(f"shard directory {shard_dir} holds token id {index['max_token_id']}, outside the "
+                         f"vocabulary of {vocab_size} tokens")
+    _Shards(shard_dir, index)
+    return index
+
+
 class _Shards:
     """Memory-mapped token shards and the global document table (id -> shard, start, length)."""
 
@@ -51,6 +72,9 @@ class _Shards:
         for name in index["shards"]:
             self.offsets.append(np.load(Path(shard_dir) / f"{name}.idx.npy"))
             self.tokens.append(np.memmap(Path(shard_dir) / f"{name}.bin", dtype="<u4", mode="r"))
+            if len(self.tokens[-1]) != self.offsets[-1][-1]:
+                raise ValueError(f"{Path(shard_dir) / name}.bin holds {len(self.tokens[-1])} tokens, its index "
+                                 f"{name}.idx.npy says {self.offsets[-1][-1]}: the shard is damaged")
         counts = [len(o) - 1 for o in self.offsets]
         self.shard_of = np.repeat(np.arange(len(counts)), counts)
         self.start = np.concatenate([o[:-1] for o in self.offsets]) if counts else np.zeros(0, np.int64)

@@ -11,7 +11,11 @@ Output in `out_dir`:
 - `shard_00000.json`: what the shard covers (its work units, counts); its presence marks the shard
   complete, so an interrupted run resumes after the last complete shard;
 - `index.json` (written last): shard names, totals of documents, tokens and UTF-8 bytes (for
-  bits per byte), the tokenizer path and ids, skip counts.
+  bits per byte), the tokenizer path, ids and fingerprint (`Tokenizer.fingerprint`: the trainer
+  refuses shards made with another tokenizer), the largest token id, skip counts.
+
+Inputs with no usable document are an error (nothing is written); every error about an input
+names the file and the line or row group (data/sources.py).
 
 The work is cut into units (runs of plain files of about `UNIT_BYTES`, byte ranges of `.jsonl`
 files, `.parquet` row groups) before anything is tokenized; units are tokenized in parallel and
@@ -37,7 +41,7 @@ from data.tokenizer import Tokenizer, load_tokenizer
 UNIT_BYTES = 1 << 20
 JSONL_CHUNK_BYTES = 16 << 20
 DEFAULT_SHARD_TOKENS = 1 << 26
-FORMAT = 1
+FORMAT = 2  # 2: index.json records the tokenizer fingerprint and the largest token id
 
 _TOKENIZER: Optional[Tokenizer] = None
 _TEXT_FIELD = "text"
@@ -60,7 +64,7 @@ def _plan_units(inputs: list[Path], text_field: str, extensions) -> tuple[list[l
         elif kind == "jsonl":
             for start, end in sources.jsonl_ranges(path, JSONL_CHUNK_BYTES):
                 units.append([["jsonl", str(path), start, end]])
-                sizes.append(end - start)
+                sizes.append(size if end is None else end - start)
         else:
             groups = sources.parquet_row_groups(path, text_field)
             units += [[["parquet", str(path), g]] for g in range(groups)]
@@ -158,6 +162,7 @@ class _ShardWriter:
         self.file = open(self.tmp, "wb")
         self.offsets = [0]
         self.bytes = 0
+        self.max_token_id = -1
         self.skipped = dict.fromkeys(sources.SKIP_REASONS, 0)
 
     @property
@@ -167,6 +172,7 @@ class _ShardWriter:
     def add(self, tokens: np.ndarray, lengths: np.ndarray, n_bytes: int, skipped: dict) -> None:
         self.file.write(tokens.astype("<u4", copy=False).tobytes())
         self.offsets += (self.tokens + np.cumsum(lengths)).tolist()
+        self.max_token_id = max(self.max_token_id, int(tokens.max()) if len(tokens) else -1)
         self.bytes += n_bytes
         for k, v in skipped.items():
             self.skipped[k] += v
@@ -184,7 +190,7 @@ class _ShardWriter:
         os.replace(self.tmp, self.out_dir / f"{name}.bin")
         marker = {"plan": self.plan, "units": [self.first_unit, end_unit],
                   "documents": len(self.offsets) - 1, "tokens": self.tokens,
-                  "bytes": self.bytes, "skipped": self.skipped}
+                  "bytes": self.bytes, "max_token_id": self.max_token_id, "skipped": self.skipped}
         _write_json(self.out_dir / f"{name}.json", marker)
         return marker
 
@@ -257,11 +263,15 @@ def prepare(inputs: list[Path], tokenizer: Union[Tokenizer, Path], out_dir: Path
         tail = pending
     bar.close()
     skipped = {k: tail[k] + sum(m["skipped"][k] for m in done) for k in sources.SKIP_REASONS}
+    if not done:
+        raise ValueError(f"no usable document in {', '.join(map(str, inputs))} ({len(units)} work units read, "
+                         f"skipped: {skipped}); nothing written to {out_dir}")
     info = dict(tok.info(), split_table=sorted([k, v] for k, v in tok.split_table().items()))
     index = {"shards": [_shard_name(k) for k in range(len(done))],
              "documents": sum(m["documents"] for m in done), "tokens": sum(m["tokens"] for m in done),
              "bytes": sum(m["bytes"] for m in done), "tokenizer": str(tok.path),
-             "tokenizer_info": info, "skipped": skipped, "plan": plan,
+             "tokenizer_info": info, "tokenizer_fingerprint": tok.fingerprint(),
+             "max_token_id": max(m.get("max_token_id", -1) for m in done), "skipped": skipped, "plan": plan,
              "shard_tokens": shard_tokens, "text_field": text_field,
              "inputs": [str(p) for p in inputs]}
     _write_json(out_dir / "index.json", index)

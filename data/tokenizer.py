@@ -18,6 +18,7 @@ or `python -m data.tokenizer --load PATH`; both print a JSON summary.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -104,6 +105,13 @@ class Tokenizer:
             else:
                 run.append(i)
         return "".join(parts) + self._backend.decode(run)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of what maps text to ids: the serialized tokenizer.json or
+        SentencePiece model, with the special-token names. The same for a copy or a re-save."""
+        h = hashlib.sha256(json.dumps([self.kind, self.names], sort_keys=True).encode())
+        h.update(self._backend.to_str().encode() if self.kind == "bpe" else self._backend.serialized_model_proto())
+        return h.hexdigest()[:16]
 
     def info(self) -> dict:
         """JSON-serializable summary: kind, path, vocab_size and the special-token ids."""

@@ -4,7 +4,10 @@
 repository root; torchrun ranks share one build) a tokenizer with the model's vocabulary size and
 train/val shards; `data=shards`
 takes `data.train_dir`, `data.val_dir` and `data.tokenizer` (relative to the working directory).
-The tokenizer's vocabulary must equal `model.vocab_size`. Training batches are the packed stream of
+The tokenizer's vocabulary must equal `model.vocab_size`. Before training starts, both shard
+directories must hold documents, have been prepared with this tokenizer (its fingerprint) and hold
+only ids of its vocabulary, and the validation split must fill `eval.batches` batches; each failure
+is a ConfigError naming the directory. Training batches are the packed stream of
 `data.PackedDataset`, shuffled by sequence in blocks (`data.shuffle_tokens`).
 """
 from __future__ import annotations
@@ -46,7 +49,26 @@ def prepare_inputs(cfg: DictConfig, mcfg: ModelConfig) -> Inputs:
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise ConfigError(f"model.vocab_size ({mcfg.vocab_size}) differs from the vocabulary of {where} "
                           f"({tokenizer.vocab_size}); set model.vocab_size={tokenizer.vocab_size}")
+    check_data(cfg, train_dir, val_dir, tokenizer)
     return Inputs(train_dir=train_dir, val_dir=val_dir, tokenizer=tokenizer)
+
+
+def check_data(cfg: DictConfig, train_dir: Path, val_dir: Path, tokenizer) -> None:
+    """ConfigError unless both splits are usable with `tokenizer` and validation fills eval.batches."""
+    from data.dataset import check_shards, shard_stats
+
+    try:
+        for shard_dir in (train_dir, val_dir):
+            check_shards(shard_dir, tokenizer.fingerprint(), tokenizer.vocab_size)
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    e, seq_len = cfg.eval, cfg.train.seq_len
+    need = e.batches * e.batch_size * seq_len + 1
+    have = shard_stats(val_dir)["stream_tokens"]
+    if have < need:
+        raise ConfigError(f"the validation split {val_dir} has {have} tokens, eval.batches x eval.batch_size x "
+                          f"train.seq_len = {e.batches} x {e.batch_size} x {seq_len} needs {need}; lower "
+                          f"eval.batches or eval.batch_size, or give more validation data")
 
 
 def train_batches(cfg: DictConfig, inputs: Inputs, dp_rank: int, dp_world: int):
