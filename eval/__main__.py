@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--samples", type=Path, default=None, help="write per-example results to this .jsonl")
+    p.add_argument("--ema", action="store_true",
+                   help="evaluate the checkpoint's EMA of the weights (trained with train.ema_decay > 0)")
     return p
 
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
         _positive(name.replace("_", "-"), getattr(args, name))
     if not args.data.is_file():
         raise FileNotFoundError(f"--data {args.data} is not a file")
-    model, tok = load_for_eval(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    model, tok = load_for_eval(args.checkpoint, args.tokenizer, args.device, args.dtype, ema=args.ema)
     device = next(model.parameters()).device
     context_length = args.context_length or model.cfg.max_position_embeddings
     start = time.perf_counter()
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.samples is not None:
         args.samples.parent.mkdir(parents=True, exist_ok=True)
         args.samples.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    return {"task": args.task, "checkpoint": str(args.checkpoint), "data": str(args.data), **result,
+    return {"task": args.task, "checkpoint": str(args.checkpoint), "data": str(args.data), "ema": args.ema, **result,
             "context_length": context_length, "seconds": round(time.perf_counter() - start, 3)}
 
 

@@ -38,15 +38,17 @@ def default_device() -> str:
 
 
 def load_for_eval(checkpoint: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
-                  device: Optional[str] = None, dtype: str = "float32") -> Tuple[torch.nn.Module, Tokenizer]:
-    """(model in eval mode on `device`, tokenizer) of a checkpoint or Hugging Face directory.
+                  device: Optional[str] = None, dtype: str = "float32",
+                  ema: bool = False) -> Tuple[torch.nn.Module, Tokenizer]:
+    """(model in eval mode on `device`, tokenizer) of a checkpoint or Hugging Face directory
+    (with `ema`: a training checkpoint's EMA weights).
 
     Parameters take `dtype`; buffers (router bias, RoPE frequencies) stay fp32.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     tok = load_tokenizer(resolve_tokenizer_path(checkpoint, tokenizer))
-    net = model_lib.load(checkpoint).to(device or default_device()).eval()
+    net = model_lib.load(checkpoint, ema=ema).to(device or default_device()).eval()
     for param in net.parameters():
         param.data = param.data.to(DTYPES[dtype])
     if tok.vocab_size > net.cfg.vocab_size:

@@ -115,3 +115,17 @@ def load_state(state: Dict[str, Any], step_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=SafeFileSystemReader(str(step_dir)))
+
+
+def load_model_state(state: Dict[str, torch.Tensor], step_dir: Path, ema: bool = False) -> None:
+    """Fill a model state dict (or part of one) in place from a training checkpoint: from its
+    "model" entries, or with `ema` the parameters from its "ema" entries (the EMA of the weights,
+    train.ema_decay > 0) and the buffers from "model". ValueError when it holds no EMA."""
+    if not ema:
+        load_state({"model": state}, step_dir)
+        return
+    keys = SafeFileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    if not any(k.startswith("ema.") for k in keys):
+        raise ValueError(f"{step_dir} holds no EMA weights (it was trained with train.ema_decay=0)")
+    averaged = {k: v for k, v in state.items() if f"ema.{k}" in keys}
+    load_state({"model": {k: v for k, v in state.items() if k not in averaged}, "ema": averaged}, step_dir)

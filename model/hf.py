@@ -273,9 +273,10 @@ def find_tokenizer_dir(path: PathLike) -> Optional[Path]:
 
 
 def export_checkpoint(checkpoint: PathLike, hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Export a training checkpoint (a step directory, or an out_dir meaning its newest) to `hf_dir`."""
-    model = load(checkpoint)
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, ema: bool = False) -> Path:
+    """Export a training checkpoint (a step directory, or an out_dir meaning its newest) to `hf_dir`;
+    with `ema`, its EMA weights."""
+    model = load(checkpoint, ema=ema)
     return export_hf(model, hf_dir, find_tokenizer_dir(checkpoint), dtype, max_shard_bytes)
 
 
@@ -299,13 +300,14 @@ def main(argv: Sequence[str]) -> int:
     exp.add_argument("hf_dir")
     exp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     exp.add_argument("--max-shard-size", default="5GB")
+    exp.add_argument("--ema", action="store_true", help="export the EMA of the weights (train.ema_decay > 0)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             out = import_hf(args.hf_dir, args.checkpoint_dir)
         else:
             out = export_checkpoint(args.checkpoint_dir, args.hf_dir, getattr(torch, args.dtype),
-                                    parse_size(args.max_shard_size))
+                                    parse_size(args.max_shard_size), ema=args.ema)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"model.hf {args.command}: {err}", file=sys.stderr)
         return 2

@@ -228,9 +228,8 @@ def verify(step_path: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     return None
 
 
-def _train_template(step_path: Path) -> Dict[str, torch.Tensor]:
+def _train_template(metadata) -> Dict[str, torch.Tensor]:
     """Empty tensors shaped like the checkpoint's "train" entries (read from the DCP metadata)."""
-    metadata = SafeFileSystemReader(str(step_path)).read_metadata()
     out = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if fqn.startswith("train.") and isinstance(md, TensorStorageMetadata):
@@ -244,10 +243,12 @@ def newest_meta(out_dir: Path) -> Optional[Dict[str, Any]]:
     return read_json(found[-1] / META) if found else None
 
 
-def load_latest(out_dir: Path, state: Dict[str, Any], group=None
+def load_latest(out_dir: Path, state: Dict[str, Any], group=None, optional: Tuple[str, ...] = ()
                 ) -> Optional[Tuple[Path, Dict[str, torch.Tensor]]]:
     """Fill `state` (live tensors) from the newest loadable checkpoint under `out_dir/checkpoints`,
-    chosen by rank 0 and loaded by all; returns (its directory, its "train" tensors), or None."""
+    chosen by rank 0 and loaded by all; returns (its directory, its "train" tensors), or None.
+    Top-level entries named in `optional` (e.g. "ema") that the checkpoint lacks are removed from
+    `state` instead of failing the load."""
     rank, world = _rank(group), _world(group)
     root = out_dir / "checkpoints"
     names = broadcast_object([p.name for p in list_checkpoints(root)] if rank == 0 else None, group)
@@ -257,13 +258,17 @@ def load_latest(out_dir: Path, state: Dict[str, Any], group=None
         problem = next((p for p in problems if p is not None), None)
         if problem is None:
             try:
-                full = {**state, "train": _train_template(path)}
+                metadata = SafeFileSystemReader(str(path)).read_metadata()
+                absent = [k for k in optional if not any(f.startswith(k + ".") for f in metadata.state_dict_metadata)]
+                full = {**{k: v for k, v in state.items() if k not in absent}, "train": _train_template(metadata)}
                 with _quiet_single_process():
                     load_state(full, path)
             except (Exception, CheckpointException) as err:  # DCP's reader raises a BaseException
                 problem = f"loading failed: {one_line(err)}"
             problem = next((p for p in all_gather_object(problem, group) if p is not None), None)
         if problem is None:
+            for k in absent:
+                del state[k]
             return path, full["train"]
         if rank == 0:
             warnings.warn(f"skipping corrupt checkpoint {path}: {problem}; trying the previous one")

@@ -28,11 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer
-from parallel.expert_parallel import ExpertParallel
+from parallel.expert_parallel import ExpertParallel, shard_expert_state
 from parallel.mesh import build_layout
 
 from . import checkpoint
 from .checkpointer import Checkpointer
+from .ema import EMA
 from .config import ConfigError, batch_unit, data_parallel_size, micro_batch_size, resolve_path
 from .distributed import Dist
 from .inputs import Inputs, train_batches
@@ -159,6 +160,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(mcfg, cfg.train.seq_len)
         self.peak = peak_flops(cfg, dist.device) * dist.world
         self.progress = Progress()
+        module = self.par.module if self.par is not None else self.model
+        self.ema = EMA(module.named_parameters(remove_duplicate=False), cfg.train.ema_decay) \
+            if cfg.train.ema_decay else None
         asynchronous = cfg.checkpoint["async"]
         self.checkpointer = Checkpointer(
             self.out_dir, cfg.checkpoint.keep,
@@ -169,9 +173,15 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> Dict[str, Any]:
         if self.par is not None:
-            return self.par.checkpoint_state()
-        state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
-        return self.ep.checkpoint_state(state) if self.ep else state
+            state = self.par.checkpoint_state()
+        else:
+            state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+            state = self.ep.checkpoint_state(state) if self.ep else state
+        if self.ema is not None:
+            layout = self.par.layout if self.par is not None else self.ep.layout if self.ep else None
+            ema = {"ema": self.ema.state_dict()}
+            state.update(shard_expert_state(ema, layout) if layout is not None else ema)
+        return state
 
     def save(self) -> None:
         """Checkpoint the current step (see Checkpointer: possibly still being written on return)."""
@@ -210,7 +220,7 @@ class Trainer:
         """Load the newest loadable checkpoint (rank 0 chooses); None when starting from scratch."""
         self._check_config()
         state = self._state()
-        found = checkpoint.load_latest(self.out_dir, state, self.dist.checkpoint_group)
+        found = checkpoint.load_latest(self.out_dir, state, self.dist.checkpoint_group, optional=("ema",))
         if found is None:
             return None
         path, train = found
@@ -227,6 +237,10 @@ class Trainer:
         torch.set_rng_state(train["rng_cpu"])
         if "rng_cuda" in train and self.dist.device.type == "cuda":
             torch.cuda.set_rng_state(train["rng_cuda"], self.dist.device)
+        if self.ema is not None and "ema" not in state:
+            self.ema.reset()
+            if self.dist.is_main:
+                print(f"warning: {path} holds no EMA weights; the EMA restarts from its weights", flush=True)
         return path
 
     # ----------------------------------------------------------------- one step
@@ -245,6 +259,8 @@ class Trainer:
                                 mtp_lambda=s.mtp_lambda(p.tokens), gamma=s.bias_gamma(p.tokens),
                                 alpha=self.mcfg.aux_loss_alpha, grad_clip=cfg.optim.grad_clip,
                                 autocast=self.autocast, dist=self.dist, ep=self.ep)
+        if self.ema is not None and not result.skipped:
+            self.ema.update()
         p.step += 1
         p.tokens += batch * cfg.train.seq_len
         p.skipped_steps += result.skipped
@@ -328,6 +344,8 @@ class Trainer:
                                  f"the same command again")
                     break
             self.checkpointer.close()
+            if self.ema is not None:
+                self.ema.close()
         finally:
             stop.restore()
             logger.close()
