@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def banner(cfg, trainer, world: int, resumed) -> str:
-    """Two lines saying what runs where, and from which checkpoint it resumed."""
+    """Lines saying what runs where, what steps the weights, and from which checkpoint it resumed."""
     t = cfg.train
     n_params = sum(p.numel() for p in trainer.model.parameters())
     dp = data_parallel_size(cfg, world)
@@ -121,7 +121,8 @@ def banner(cfg, trainer, world: int, resumed) -> str:
     text = (f"train.py: {n_params / 1e6:.2f}M parameters, {trainer.dist.device}, precision={cfg.precision.name}, "
             f"world {world} (dp {dp}), batch {t.global_batch} x {t.seq_len} tokens (micro {trainer.micro_batch}, "
             f"accumulation {accum}), {t.steps} steps = {trainer.schedules.total_tokens / 1e6:.2f}M tokens, "
-            f"out_dir={trainer.out_dir}")
+            f"out_dir={trainer.out_dir}\ntrain.py: parameters {cfg.precision.param_dtype}, optimizer "
+            f"{trainer.describe_optimizer()}")
     if resumed is not None:
         text += f"\ntrain.py: resumed from {resumed} (step {trainer.progress.step})"
     return text

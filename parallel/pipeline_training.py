@@ -31,13 +31,15 @@ class PipelineParallel:
     """This rank's model part, optimizer and per-step collectives (see the module docstring).
 
     `make_optimizer(named_params)` builds the inner optimizer (e.g. the trainer's AdamW); with
-    `zero` it runs on ZeRO-1 shards. Experts must already be sharded (`ExpertParallel`) when ep > 1.
+    `zero` it runs on ZeRO-1 shards. Parameters that are not fp32, or `offload` (host-memory state),
+    need fp32 master weights: `parallel.data_parallel.Zero1` then holds them, sharded with `zero`,
+    whole on every rank without. Experts must already be sharded (`ExpertParallel`) when ep > 1.
     """
 
     def __init__(self, model: Transformer, layout: ParallelLayout, *, micro_batch: int, seq_len: int,
                  n_microbatches: int, make_optimizer: Callable[[List[Tuple[str, torch.nn.Parameter]]], Any],
                  schedule: str = "1f1b", stages_per_rank: Optional[int] = None,
-                 layers_per_stage: Optional[Sequence[int]] = None, zero: bool = False):
+                 layers_per_stage: Optional[Sequence[int]] = None, zero: bool = False, offload: bool = False):
         self.model, self.layout = model, layout
         self.n_microbatches, self.micro_batch = n_microbatches, micro_batch
         self.replicas = layout.dp * layout.ep
@@ -51,8 +53,9 @@ class PipelineParallel:
         self.module = self.pipe.module if self.pipe is not None else model
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.named = named
-        self.zero = Zero1(named, layout, make_optimizer) if zero else None
-        self.optimizer = self.zero if zero else make_optimizer(named)
+        masters = offload or any(p.dtype != torch.float32 for _, p in named)
+        self.zero = Zero1(named, layout, make_optimizer, shard=zero, offload=offload) if zero or masters else None
+        self.optimizer = self.zero if self.zero is not None else make_optimizer(named)
 
     # ---- the step --------------------------------------------------------------------------
     def forward_backward(self, rows: torch.Tensor, *, mtp_lambda: float, alpha: float,
@@ -188,18 +191,24 @@ class PipelineParallel:
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
         """{"model": this rank's parameters by name, "optim": optimizer state by name}, expert tensors
-        (and ZeRO-1 shards) as DTensors so torch.distributed.checkpoint reshards them on load."""
+        (and ZeRO-1 shards) as DTensors so torch.distributed.checkpoint reshards them on load. The
+        model's weights are fp32: a parameter with a separate master weight is saved as that master."""
         model = self.module.state_dict()
         optim = self.optimizer.state_dict()
         if self.layout.ep > 1 and self.layout.mesh is not None:
             model = shard_expert_state(model, self.layout)
             if self.zero is None:
                 optim = shard_expert_state(optim, self.layout)
+        if self.zero is not None:
+            model.update(self.zero.master_state())
         return {"model": model, "optim": optim}
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         """Copy a state filled by torch.distributed.checkpoint (from `checkpoint_state`) into place."""
-        self.module.load_state_dict(local_state(state["model"]))
+        model = local_state(state["model"])
+        if self.zero is not None:
+            model = self.zero.load_master_state(model)
+        self.module.load_state_dict(model)
         if self.zero is not None:
             self.zero.load_state_dict(state["optim"])
         else:

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer, lm_loss  # noqa: E402
-from parallel.data_parallel import Zero1, chunk_range  # noqa: E402
+from parallel.data_parallel import Zero1  # noqa: E402
+from parallel.shard_group import chunk_range  # noqa: E402
 from parallel.dispatch import make_dispatcher  # noqa: E402
 from parallel.expert_parallel import apply_expert_parallel, is_expert_param, reduce_gradients  # noqa: E402
 from parallel.mesh import build_layout  # noqa: E402

@@ -42,6 +42,10 @@ def test_bad_override_fails_fast_and_writes_nothing(tmp_path, override, named):
     (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode='sometimes'"),
     (["data=shards"], 1, "data=shards needs data.train_dir"),
     (["train.batch_ramp_start=64"], 1, "train.batch_ramp_start (64)"),
+    (["precision=fp32", "precision.param_dtype=bf16"], 1, "precision.param_dtype=bf16 needs bf16 compute"),
+    (["precision.param_dtype=fp16"], 1, "precision.param_dtype='fp16' is not allowed"),
+    (["optim.offload=cpu"], 1, "set optim.moments_dtype=fp32 (got bf16)"),
+    (["optim.offload=nvme"], 1, "optim.offload='nvme' is not allowed"),
 ])
 def test_cross_field_checks(overrides, world, named):
     cfg = compose_job(overrides)

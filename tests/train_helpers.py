@@ -60,3 +60,30 @@ def run_train(args: List[str], env: Dict[str, str] = None, timeout: int = 180) -
 
 def read_metrics(out_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_losses_close(ours: List[dict], ref: List[dict], steps, what: str, rel: float = 0.0,
+                        abs_tol: float = 0.0) -> float:
+    """`ours` logs exactly `steps`, and its loss, MTP loss and validation loss (where either logs one,
+    both must) are within `abs_tol` + `rel` x |ref| of `ref`'s at the same step; returns the largest
+    relative difference."""
+    by_step = {r["step"]: r for r in ref}
+    assert [r["step"] for r in ours] == list(steps), what
+    worst = 0.0
+    for a in ours:
+        b = by_step[a["step"]]
+        for key in ("loss", "mtp_loss", "val_loss"):
+            assert (key in a) == (key in b), (what, a["step"], key)
+            if key in b:
+                assert abs(a[key] - b[key]) <= abs_tol + rel * abs(b[key]), (what, a["step"], key, a[key], b[key])
+                worst = max(worst, abs(a[key] - b[key]) / abs(b[key]))
+    return worst
+
+
+def copy_checkpoint(src_out_dir: Path, step: int, out_dir: Path) -> Path:
+    """A new `out_dir` holding only checkpoint `step` of the run in `src_out_dir` (to resume from it)."""
+    import shutil
+
+    (out_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_out_dir / "checkpoints" / f"step_{step}", out_dir / "checkpoints" / f"step_{step}")
+    return out_dir

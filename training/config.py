@@ -37,6 +37,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Signals checkpoint.signal cannot be: uncatchable, already stopping the run, or not a notice.
 NOT_PREEMPTION_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGTERM", "SIGINT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL",
                           "SIGABRT", "SIGCHLD", "SIGPIPE")
+PARAM_DTYPES = ("fp32", "bf16")
+OFFLOADS = ("none", "cpu")
 
 
 class ConfigError(ValueError):
@@ -48,9 +50,14 @@ class PrecisionConfig:
     """`precision=bf16|fp8|fp32`: bf16 autocast, FP8 GEMMs (model.fp8), or plain fp32.
 
     `fused_head_loss`: output head + cross-entropy without keeping logits for backward
-    (model/head_loss.py; on in configs/precision/fp8.yaml)."""
+    (model/head_loss.py; on in configs/precision/fp8.yaml).
+
+    `param_dtype`: dtype of the model's parameters. bf16 (DeepSeek-V3 section 3.3.2): fp32 master
+    weights live only in the optimizer (ZeRO-1-sharded when parallel.zero=true) and weight gradients
+    are accumulated in fp32 (parallel/data_parallel.py); needs precision=bf16 or fp8."""
     name: str = "bf16"
     fused_head_loss: bool = False
+    param_dtype: str = "fp32"
 
 
 @dataclass
@@ -95,7 +102,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with fp32 master weights and `moments_dtype` moments; LR schedule as fractions of tokens."""
+    """AdamW with fp32 master weights and `moments_dtype` moments; LR schedule as fractions of tokens.
+
+    `offload=cpu`: each rank's (ZeRO-1 shard of the) fp32 master weights and both moments live in host
+    memory and DeepSpeed's CPU Adam steps them (training/cpu_adam.py); its moments are fp32, so
+    it needs moments_dtype=fp32. `none`: the optimizer state stays on the training device."""
     lr: float = 2.2e-4
     beta1: float = 0.9
     beta2: float = 0.95
@@ -104,6 +115,7 @@ class OptimConfig:
     decay_embeddings: bool = False
     grad_clip: float = 1.0
     moments_dtype: str = "bf16"
+    offload: str = "none"
     warmup_frac: float = 0.01
     decay_start_frac: float = 0.676
     decay_end_frac: float = 0.966
@@ -363,6 +375,10 @@ def _check_optim(cfg: DictConfig) -> None:
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         raise ConfigError(f"optim.beta1 ({o.beta1}) and optim.beta2 ({o.beta2}) must be in [0, 1)")
     _check_choice(o.moments_dtype, ("bf16", "fp32"), "optim.moments_dtype")
+    _check_choice(o.offload, OFFLOADS, "optim.offload")
+    if o.offload == "cpu" and o.moments_dtype != "fp32":
+        raise ConfigError("optim.offload=cpu keeps fp32 moments on the host (DeepSpeed's CPU Adam); set "
+                          f"optim.moments_dtype=fp32 (got {o.moments_dtype})")
     names = ("warmup_frac", "decay_start_frac", "decay_end_frac", "final_start_frac")
     values = [o[n] for n in names]
     if not all(0.0 <= v <= 1.0 for v in values) or values != sorted(values):
@@ -412,6 +428,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> ModelConfig:
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
     _check_choice(cfg.precision.name, PRECISIONS, "precision")
+    _check_choice(cfg.precision.param_dtype, PARAM_DTYPES, "precision.param_dtype")
+    if cfg.precision.param_dtype == "bf16" and cfg.precision.name == "fp32":
+        raise ConfigError("precision.param_dtype=bf16 needs bf16 compute: use precision=bf16 or precision=fp8 "
+                          "(precision=fp32 runs without autocast)")
     if cfg.precision.name == "fp8" and importlib.util.find_spec("model.fp8") is None:
         raise ConfigError("precision=fp8 needs model/fp8.py (apply_fp8), which this checkout does not have; "
                           "use precision=bf16 or precision=fp32")

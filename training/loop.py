@@ -38,7 +38,7 @@ from .config import ConfigError, batch_unit, data_parallel_size, micro_batch_siz
 from .distributed import Dist
 from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger
-from .optim import AdamW, set_lr
+from .optim import DTYPES, AdamW, set_lr
 from .schedule import Schedules
 from .step import StepResult, parallel_train_step, parallel_validate, train_step, validate
 
@@ -95,12 +95,29 @@ def peak_flops(cfg: DictConfig, device: torch.device) -> float:
 
 
 def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Transformer:
+    """The seeded model on `device`: FP8 layers under precision=fp8, every parameter (not the buffers:
+    router bias, expert load, RoPE tables stay fp32) in `precision.param_dtype`."""
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
     model.fused_head_loss = cfg.precision.fused_head_loss
     if cfg.precision.name == "fp8":
         importlib.import_module("model.fp8").apply_fp8(model)
+    dtype = DTYPES[cfg.precision.param_dtype]
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
     return model.train()
+
+
+def optimizer_factory(cfg: DictConfig) -> Callable:
+    """`named_params -> optimizer`: the trainer's AdamW, or DeepSpeed's CPU Adam with optim.offload=cpu."""
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                  decay_embeddings=o.decay_embeddings)
+    if o.offload == "cpu":
+        from .cpu_adam import CPUAdamW
+
+        return lambda named: CPUAdamW(named, **kwargs)
+    return lambda named: AdamW(named, moments_dtype=o.moments_dtype, **kwargs)
 
 
 def expert_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig,
@@ -117,9 +134,11 @@ def expert_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig,
 
 def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, device: torch.device,
                       ep: Optional[ExpertParallel], make_optimizer: Callable, dp: int):
-    """Pipeline stages and/or ZeRO-1 (parallel/pipeline_training.py); None when pp = 1 without ZeRO."""
+    """Pipeline stages and/or ZeRO-1 and master weights (parallel/pipeline_training.py); None when pp = 1
+    without ZeRO, with fp32 parameters and no offload."""
     par, t = cfg.parallel, cfg.train
-    if par.pp == 1 and not par.zero:
+    offload = cfg.optim.offload == "cpu"
+    if par.pp == 1 and not par.zero and not offload and cfg.precision.param_dtype == "fp32":
         return None
     from parallel.pipeline_training import PipelineParallel
 
@@ -131,7 +150,7 @@ def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, de
     return PipelineParallel(model, layout, micro_batch=micro, seq_len=t.seq_len,
                             n_microbatches=t.global_batch // (micro * dp), make_optimizer=make_optimizer,
                             schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
-                            zero=par.zero)
+                            zero=par.zero, offload=offload)
 
 
 class Trainer:
@@ -143,12 +162,7 @@ class Trainer:
         self.dp = data_parallel_size(cfg, dist.world)
         self.model = build_model(cfg, mcfg, dist.device)
         self.ep = expert_parallel(self.model, cfg, mcfg, dist.device)
-        o = cfg.optim
-
-        def make_optimizer(named):
-            return AdamW(named, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                         decay_embeddings=o.decay_embeddings, moments_dtype=o.moments_dtype)
-
+        make_optimizer = optimizer_factory(cfg)
         self.par = pipeline_parallel(self.model, cfg, mcfg, dist.device, self.ep, make_optimizer, self.dp)
         self.optimizer = self.par.optimizer if self.par else make_optimizer(self.model.named_parameters())
         self.micro_batch = micro_batch_size(cfg, self.dp)
@@ -169,6 +183,17 @@ class Trainer:
             asynchronous=dist.device.type == "cuda" if asynchronous is None else asynchronous,
             pin_memory=dist.device.type == "cuda", group=dist.checkpoint_group,
             on_saved=lambda path, s: dist.is_main and print(f"checkpoint saved: {path} ({s:.2f} s)", flush=True))
+
+    def describe_optimizer(self) -> str:
+        """What steps the weights, e.g. "CPUAdamW (DeepSpeedCPUAdam), fp32 master weights in host memory,
+        sharded (ZeRO-1)" (printed by train.py)."""
+        zero = self.par.zero if self.par is not None else None
+        inner = zero.optimizer if zero is not None else self.optimizer
+        text = type(inner).__name__ + (f" ({type(inner.inner).__name__})" if hasattr(inner, "inner") else "")
+        if zero is None:
+            return text
+        where = "host" if zero.offload else self.dist.device.type
+        return f"{text}, fp32 master weights in {where} memory, {'sharded (ZeRO-1)' if zero.shard else 'unsharded'}"
 
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> Dict[str, Any]:

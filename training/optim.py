@@ -3,8 +3,9 @@
 DeepSeek-V3 section 3.3.2 ("Low-Precision Storage"): the optimizer tracks its first and second
 moments in BF16 while master weights and gradients stay in FP32. The update is computed in fp32
 (decoupled weight decay, bias-corrected moments, as in Loshchilov & Hutter's AdamW) and only the
-stored moments are rounded. Parameters that are not fp32 (a model kept in bf16) get an fp32 master
-copy in the optimizer state; fp32 parameters are their own master weights.
+stored moments are rounded. It steps fp32 parameters, which are their own master weights; a model
+kept in bf16 gets its fp32 master weights from `parallel.data_parallel.Zero1`, which hands this
+optimizer fp32 master shards.
 
 Weight decay applies to matrices only: not to norms or biases (1-D), and not to the input
 embedding unless `decay_embeddings`. The state dict is keyed by parameter name, so a
@@ -19,6 +20,7 @@ from torch import nn
 
 EMBEDDING_PARAMS = ("embed_tokens.weight",)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def decays(name: str, param: torch.Tensor, decay_embeddings: bool) -> bool:
@@ -28,26 +30,52 @@ def decays(name: str, param: torch.Tensor, decay_embeddings: bool) -> bool:
     return decay_embeddings or name not in EMBEDDING_PARAMS
 
 
+def decay_groups(named: List[Tuple[str, nn.Parameter]], weight_decay: float,
+                 decay_embeddings: bool) -> List[Dict[str, object]]:
+    """Parameter groups: those that decay (`decays`) with `weight_decay`, the others with 0."""
+    decay = [p for n, p in named if decays(n, p, decay_embeddings)]
+    no_decay = [p for n, p in named if not decays(n, p, decay_embeddings)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def named_state_dict(names: Dict[nn.Parameter, str], state, step: torch.Tensor) -> Dict[str, object]:
+    """{"step": int64 tensor, "exp_avg": {name: t}, "exp_avg_sq": {name: t}}: an Adam state by name."""
+    out: Dict[str, object] = {"step": step}
+    for key in MOMENTS:
+        out[key] = {names[p]: s[key] for p, s in state.items()}
+    return out
+
+
+def load_named_state_dict(names: Dict[nn.Parameter, str], state, step: torch.Tensor,
+                          loaded: Dict[str, object]) -> None:
+    """Copy a `named_state_dict` (same names and shapes, any moment dtype) into `state` and `step`."""
+    step.copy_(loaded["step"])
+    for p, s in state.items():
+        for key in MOMENTS:
+            s[key].copy_(loaded[key][names[p]])
+
+
 class AdamW(torch.optim.Optimizer):
-    """AdamW over named parameters; moments stored in `moments_dtype`, update math in fp32."""
+    """AdamW over named fp32 parameters; moments stored in `moments_dtype`, update math in fp32."""
 
     def __init__(self, named_params: Iterable[Tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.1, decay_embeddings: bool = False,
                  moments_dtype: str = "bf16"):
         named = [(n, p) for n, p in named_params if p.requires_grad]
+        for n, p in named:
+            if p.dtype != torch.float32:
+                raise ValueError(f"AdamW steps fp32 parameters, {n} is {p.dtype}: a model in another dtype "
+                                 "takes its fp32 master weights from parallel.data_parallel.Zero1")
         self.names: Dict[nn.Parameter, str] = {p: n for n, p in named}
-        decay = [p for n, p in named if decays(n, p, decay_embeddings)]
-        no_decay = [p for n, p in named if not decays(n, p, decay_embeddings)]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        super().__init__([g for g in groups if g["params"]], {"lr": lr, "betas": tuple(betas), "eps": eps})
+        super().__init__(decay_groups(named, weight_decay, decay_embeddings),
+                         {"lr": lr, "betas": tuple(betas), "eps": eps})
         self.moments_dtype = DTYPES[moments_dtype]
         self.step_count = torch.zeros((), dtype=torch.int64)
         for _, p in named:
             state = self.state[p]
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-            if p.dtype != torch.float32:
-                state["master"] = p.detach().float().clone()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,36 +91,23 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                master = state.get("master", p)
                 grad = p.grad.float()
                 m = state["exp_avg"].float().mul_(beta1).add_(grad, alpha=1 - beta1)
                 v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["exp_avg"].copy_(m)
                 state["exp_avg_sq"].copy_(v)
                 if wd:
-                    master.mul_(1 - lr * wd)
+                    p.mul_(1 - lr * wd)
                 denom = (v / bias2).sqrt_().add_(eps)
-                master.addcdiv_(m, denom, value=-lr / bias1)
-                if master is not p:
-                    p.copy_(master)
+                p.addcdiv_(m, denom, value=-lr / bias1)
 
     def state_dict(self) -> Dict[str, object]:
-        """{"step": int64 tensor, "exp_avg": {name: t}, "exp_avg_sq": {...}, "master": {...}} (by name)."""
-        out: Dict[str, object] = {"step": self.step_count}
-        for key in ("exp_avg", "exp_avg_sq", "master"):
-            entries = {self.names[p]: s[key] for p, s in self.state.items() if key in s}
-            if entries:
-                out[key] = entries
-        return out
+        """`named_state_dict`: {"step": int64 tensor, "exp_avg": {name: t}, "exp_avg_sq": {name: t}}."""
+        return named_state_dict(self.names, self.state, self.step_count)
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Copy a state produced by `state_dict` (same names and shapes) into this optimizer."""
-        self.step_count.copy_(state["step"])
-        for p, s in self.state.items():
-            name = self.names[p]
-            for key in ("exp_avg", "exp_avg_sq", "master"):
-                if key in s:
-                    s[key].copy_(state[key][name])
+        load_named_state_dict(self.names, self.state, self.step_count, state)
 
 
 def grad_norm(params: List[torch.Tensor]) -> torch.Tensor:
