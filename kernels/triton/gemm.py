@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..fp8 import BLOCK, cdiv, check_scale
+from .launch import launch
 
 BM, BN = 128, 128
 
@@ -123,7 +124,7 @@ def _launch(a, a_scale, b3, b_scale3, counts, out_dtype, a_block: bool, b_block:
     out = torch.empty(a.shape[0], N, dtype=kernel_dtype, device=a.device)
     if tiles_g.numel() and N:
         grid = (tiles_g.numel(), cdiv(N, BN))
-        _gemm_kernel[grid](a, b3, out, a_scale, b_scale3, tiles_g, tiles_r0, tiles_r1, N, K,
+        launch(_gemm_kernel, grid, a, b3, out, a_scale, b_scale3, tiles_g, tiles_r0, tiles_r1, N, K,
                            a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
                            out.stride(0), out.stride(1), a_scale.stride(0), a_scale.stride(1),
                            b_scale3.stride(0), b_scale3.stride(1), b_scale3.stride(2),
@@ -162,8 +163,8 @@ def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     if E and N and K:
         row_off_t = torch.tensor(row_off, dtype=torch.int32, device=a.device)
         blk_off_t = torch.tensor(blk_off, dtype=torch.int32, device=a.device)
-        _gemm_grouped_k_kernel[(cdiv(N, BM), cdiv(K, BN), E)](
-            a, b, out, a_scale, b_scale, row_off_t, blk_off_t, N, K, a.stride(0), a.stride(1),
+        launch(
+            _gemm_grouped_k_kernel, (cdiv(N, BM), cdiv(K, BN), E), a, b, out, a_scale, b_scale, row_off_t, blk_off_t, N, K, a.stride(0), a.stride(1),
             b.stride(0), b.stride(1), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
             BLOCK_M=BM, BLOCK_N=BN, num_warps=8, num_stages=3)
     return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..fp8 import AMAX_FLOOR, BLOCK, E4M3, E4M3_MAX, cdiv, group_blocks
+from .launch import launch
 
 _FLOOR = tl.constexpr(AMAX_FLOOR)
 _FMAX = tl.constexpr(E4M3_MAX)
@@ -97,7 +98,7 @@ def quantize_1x128(x: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor, t
     q = torch.empty(M, K, dtype=torch.uint8, device=x.device)
     s = torch.empty(M, KB, dtype=torch.float32, device=x.device)
     if M and K:
-        _quant_1x128_kernel[(cdiv(M, 32), KB)](x2, q, s, M, K, KB, x2.stride(0), POW2=pow2, BLOCK_M=32)
+        launch(_quant_1x128_kernel, (cdiv(M, 32), KB), x2, q, s, M, K, KB, x2.stride(0), POW2=pow2, BLOCK_M=32)
     return q.view(E4M3).view(x.shape), s.view(*x.shape[:-1], KB)
 
 
@@ -109,7 +110,7 @@ def quantize_128x128(w: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor,
     q = torch.empty(E, N, K, dtype=torch.uint8, device=w.device)
     s = torch.empty(E, NB, KB, dtype=torch.float32, device=w.device)
     if E and N and K:
-        _quant_128x128_kernel[(NB, KB, E)](w3, q, s, N, K, NB, KB, POW2=pow2)
+        launch(_quant_128x128_kernel, (NB, KB, E), w3, q, s, N, K, NB, KB, POW2=pow2)
     return q.view(E4M3).view(w.shape), s.view(*w.shape[:-2], NB, KB)
 
 
@@ -135,6 +136,6 @@ def quantize_128x1(x: torch.Tensor, pow2: bool = False, *, x_scale: Optional[tor
     s = torch.empty(K, NB, dtype=torch.float32, device=x.device)
     if NB and K:
         xs = x_scale if x_scale is not None else s
-        _quant_128x1_kernel[(NB, cdiv(K, BLOCK))](x, xs, q, s, starts, ends, M, K, NB, x.stride(0), xs.stride(0),
+        launch(_quant_128x1_kernel, (NB, cdiv(K, BLOCK)), x, xs, q, s, starts, ends, M, K, NB, x.stride(0), xs.stride(0),
                                                    HAS_SCALE=x_scale is not None, POW2=pow2)
     return q.view(E4M3), s

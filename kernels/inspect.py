@@ -1,0 +1,173 @@
+"""`python -m kernels.inspect`: what the FP8 training path's Triton kernels compile to on sm_90 / sm_100.
+
+DeepSeek-V3 section 3.3 (FP8 training) on Hopper and Blackwell, checked on a machine without a GPU.
+For a model's shapes (configs/model/<name>.yaml, `v3_671b` by default) it runs forward and backward
+of every FP8 module kind of one layer (the attention / MTP projections through the FP8 Linear, the
+dense SwiGLU, the shared and the routed experts) on the "meta" device with the Triton backend,
+records every kernel launch instead of running it (`kernels.triton.launch`), compiles each
+distinct specialization for each architecture (`kernels.aot`) and prints, per kernel and the
+launches that use it: registers, stack bytes (spills), shared memory, warps, the tensor-core
+instruction, pipelined operand loads and resident CTAs per SM. Exit status 1 when a kernel spills
+or a GEMM lacks the architecture's tensor-core instruction or pipelined loads.
+
+    python -m kernels.inspect [--arch 90,100] [--model v3_671b] [--tokens 4096] [--experts-per-rank 8]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def load_model_config(name: str) -> dict:
+    """The model config `name` (a file of configs/model/ or a path to a YAML file) as a dict."""
+    import yaml
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise SystemExit(f"kernels.inspect: --model {name}: no such config; known: {', '.join(known)}")
+    return yaml.safe_load(path.read_text())
+
+
+def fp8_modules(cfg: dict, experts_per_rank: int) -> Tuple[List[Tuple[str, int, int, bool]], List[Tuple[str, int, int, int]]]:
+    """(linears: (name, in, out, E5M6-cached input), SwiGLUs: (name, experts, hidden, intermediate)) of one
+    layer of each kind, as `model.fp8.apply_fp8` switches them."""
+    D, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    linears = []
+    if cfg.get("q_lora_rank"):
+        linears += [("q_a_proj", D, cfg["q_lora_rank"], False), ("q_b_proj", cfg["q_lora_rank"], H * (nope + rope), False)]
+    else:
+        linears.append(("q_proj", D, H * (nope + rope), False))
+    linears += [("kv_a_proj_with_mqa", D, cfg["kv_lora_rank"] + rope, False),
+                ("kv_b_proj", cfg["kv_lora_rank"], H * (nope + v), False), ("o_proj", H * v, D, True)]
+    if cfg.get("num_nextn_predict_layers"):
+        linears.append(("mtp.eh_proj", 2 * D, D, False))
+    swiglus = []
+    if cfg.get("first_k_dense_replace"):
+        swiglus.append(("dense_mlp", 1, D, cfg["intermediate_size"]))
+    if cfg.get("n_shared_experts"):
+        swiglus.append(("shared_experts", 1, D, cfg["moe_intermediate_size"] * cfg["n_shared_experts"]))
+    if cfg.get("n_routed_experts"):
+        swiglus.append(("routed_experts", min(experts_per_rank, cfg["n_routed_experts"]), D, cfg["moe_intermediate_size"]))
+    return linears, swiglus
+
+
+def _record(fn) -> list:
+    from .triton.launch import recording
+    with recording() as launches:
+        fn()
+    return launches
+
+
+def record_launches(cfg: dict, tokens: int, experts_per_rank: int) -> List[Tuple[str, object]]:
+    """(label, launch) for every Triton launch of one layer's FP8 modules, forward and backward."""
+    from . import ops
+    from .linear import fp8_linear, fp8_swiglu_experts
+    meta = torch.device("meta")
+    linears, swiglus = fp8_modules(cfg, experts_per_rank)
+    out = []
+
+    def label(name, launches):
+        seen: Dict[str, int] = {}
+        for launch in launches:
+            kind = launch.kernel.__name__.strip("_").replace("_kernel", "")
+            seen[kind] = seen.get(kind, 0) + 1
+            out.append((f"{name} {kind}#{seen[kind]}", launch))
+
+    def run(name, forward):
+        holder = {}
+        label(f"{name} fwd", _record(lambda: holder.setdefault("y", forward())))
+        y = holder["y"]
+        label(f"{name} bwd", _record(lambda: y.backward(torch.empty_like(y))))
+
+    with ops.use_backend("triton"):
+        for name, k, n, e5m6 in linears:
+            x = torch.empty(tokens, k, device=meta, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.empty(n, k, device=meta, requires_grad=True)
+            run(name, lambda: fp8_linear(x, w, True, e5m6))
+        for name, experts, d, inter in swiglus:
+            rows = tokens * cfg.get("num_experts_per_tok", 1) * experts // max(cfg.get("n_routed_experts", 1), 1) \
+                if name == "routed_experts" else tokens
+            counts = [rows // experts + (e < rows % experts) for e in range(experts)]
+            x = torch.empty(sum(counts), d, device=meta, dtype=torch.bfloat16, requires_grad=True)
+            gu = torch.empty(experts, 2 * inter, d, device=meta, requires_grad=True)
+            down = torch.empty(experts, d, inter, device=meta, requires_grad=True)
+            rw = torch.empty(sum(counts), device=meta, requires_grad=True) if name == "routed_experts" else None
+            run(name, lambda: fp8_swiglu_experts(x, gu, down, counts, True, rw))
+    return out
+
+
+def inspect(cfg: dict, tokens: int, experts_per_rank: int, archs: List[int]) -> List[dict]:
+    """One row per (kernel specialization, architecture): its launches and what it compiled to."""
+    from .aot import compile_launch
+    rows: Dict[Tuple, dict] = {}
+    for label, launch in record_launches(cfg, tokens, experts_per_rank):
+        for arch in archs:
+            c = compile_launch(launch.kernel, launch.args, launch.meta, arch)
+            key = (launch.kernel.__name__, arch, id(c))
+            row = rows.setdefault(key, {"kernel": launch.kernel.__name__, "compiled": c, "launches": []})
+            row["launches"].append(label)
+    return list(rows.values())
+
+
+def problems(row: dict) -> List[str]:
+    """What is wrong with a row: spills; for a GEMM, no tensor-core instruction or unpipelined loads."""
+    c, found = row["compiled"], []
+    if c.stack:
+        found.append(f"spills ({c.stack} B stack)")
+    if "gemm" in row["kernel"]:
+        if not c.tensor_core:
+            found.append("no tensor-core instruction")
+        if not c.pipelined:
+            found.append("loads not pipelined")
+    return found
+
+
+def format_table(rows: List[dict]) -> str:
+    """Markdown table of the rows."""
+    lines = ["| kernel | sm | regs | stack B | smem KiB | warps | tensor core | pipelined | CTAs/SM | launches | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["kernel"], r["compiled"].arch)):
+        c = row["compiled"]
+        names = sorted(set(row["launches"]))
+        shown = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+        lines.append(f"| {row['kernel']} | {c.arch} | {c.registers} | {c.stack} | {c.shared / 1024:.1f} | "
+                     f"{c.num_warps} | {'yes' if c.tensor_core else 'no'} | {'yes' if c.pipelined else 'no'} | "
+                     f"{c.occupancy} | {shown} | {'; '.join(problems(row)) or 'ok'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="90,100", help="comma-separated compute capabilities x10 (90, 100)")
+    parser.add_argument("--model", default="v3_671b", help="configs/model/<name>.yaml or a YAML path")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch (GEMM M)")
+    parser.add_argument("--experts-per-rank", type=int, default=8, help="routed experts per expert-parallel rank")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernels.inspect: unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    from .aot import TENSOR_CORE_PTX
+    try:
+        archs = [int(a) for a in args.arch.split(",")]
+    except ValueError:
+        archs = []
+    if not archs or any(a not in TENSOR_CORE_PTX for a in archs):
+        raise SystemExit(f"kernels.inspect: --arch {args.arch}: allowed: comma-separated {sorted(TENSOR_CORE_PTX)}")
+    rows = inspect(load_model_config(args.model), args.tokens, args.experts_per_rank, archs)
+    print(f"# {args.model}, {args.tokens} tokens, {args.experts_per_rank} experts per rank")
+    print(format_table(rows))
+    bad = [r for r in rows if problems(r)]
+    if bad:
+        print(f"kernels.inspect: {len(bad)} of {len(rows)} compiled kernels have problems", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
