@@ -13,13 +13,17 @@ Layouts: a "1x128" scale of x [..., M, K] is [..., M, ceil(K/128)]; a "128x128" 
 [..., ceil(M/128), ceil(K/128)]. `quantize_128x1` returns the *transposed* data [K, M] with a 1x128
 scale [K, ceil(M/128)], ready to be an operand of `fp8_gemm` whose contraction runs over M.
 Shapes that are not multiples of 128 are padded with zeros inside (the last tile is partial).
+NaN and Inf propagate: a tile holding a NaN gets a NaN scale and NaN codes (0x7F), non-finite scales
+are not rounded to a power of 2, and `decode_e4m3` decodes the NaN codes to NaN.
 `kernels/triton/` implements the same functions and must agree bit for bit (GEMMs: to fp32 rounding).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from .groups import Counts, as_counts, block_offsets, row_blocks
 
 BLOCK = 128
 E4M3 = torch.float8_e4m3fn
@@ -33,9 +37,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
-    """Smallest power of 2 >= scale (positive normal fp32), by clearing the mantissa after a carry."""
-    bits = scale.float().contiguous().view(torch.int32)
-    return ((bits + 0x7FFFFF) & -0x800000).view(torch.float32)
+    """Smallest power of 2 >= scale (positive normal fp32), by clearing the mantissa after a carry; NaN and Inf kept."""
+    scale = scale.float().contiguous()
+    rounded = ((scale.view(torch.int32) + 0x7FFFFF) & -0x800000).view(torch.float32)
+    return torch.where(torch.isfinite(scale), rounded, scale)
 
 
 def compute_scale(amax: torch.Tensor, pow2: bool = False, fmt_max: float = E4M3_MAX) -> torch.Tensor:
@@ -50,7 +55,9 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    """E4M3(x / scale) saturated at ±448; NaN (a NaN in the tile makes its scale NaN) -> the code 0x7F."""
+    q = (x / scale).clamp(-E4M3_MAX, E4M3_MAX)
+    return q.to(E4M3).view(torch.uint8).masked_fill_(q.isnan(), 0x7F).view(E4M3)
 
 
 def quantize_1x128(x: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -74,38 +81,29 @@ def quantize_128x128(w: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor,
     return q.contiguous(), scale
 
 
-def group_blocks(counts: Sequence[int]) -> Tuple[List[int], List[int]]:
-    """Row ranges [start, end) of the 128-row blocks of consecutive groups of `counts` rows.
-
-    Blocks restart at every group boundary (a group never shares a block with the next one).
-    """
-    starts, ends, row = [], [], 0
-    for c in counts:
-        for b in range(0, int(c), BLOCK):
-            starts.append(row + b)
-            ends.append(row + min(b + BLOCK, int(c)))
-        row += int(c)
-    return starts, ends
-
-
 def quantize_128x1(x: torch.Tensor, pow2: bool = False, *, x_scale: Optional[torch.Tensor] = None,
-                   counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per 128 rows of each column of x [M, K]; returns the transposed (xt_fp8 [K, M], scale [K, NB]).
+                   counts: Optional[Counts] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per 128 rows of each column of x [M, K]; returns the transposed (xt_fp8 [K, *], scale [K, NB]).
 
     With `x_scale`, x is FP8 in the 1x128 layout and is dequantized first (the backward pass's
-    re-quantization of a cached activation). With `counts`, the rows form consecutive groups (tokens
-    sorted by expert) and blocks restart at each group: NB = sum(ceil(count / 128)); otherwise NB =
-    ceil(M / 128).
+    re-quantization of a cached activation). Without `counts`: xt [K, M], NB = ceil(M / 128). With
+    `counts` (list or tensor), the rows form consecutive groups (tokens sorted by expert) and blocks
+    restart at each group: NB = `groups.blocks_bound(M, E, 128)` and block b fills columns
+    [128 b, 128 b + 128) of xt [K, 128 NB], zero past its group's end (`groups.row_blocks`).
     """
     xf = dequantize(x, x_scale) if x_scale is not None else x.float()
+    if counts is not None:
+        _, starts, ends = row_blocks(as_counts(counts, x.device), xf.shape[0], BLOCK, x.device)
+        rows = starts.long()[:, None] + torch.arange(BLOCK, device=x.device)
+        inside = (rows < ends.long()[:, None]).reshape(-1, 1)
+        gathered = xf[rows.reshape(-1).clamp_max(max(xf.shape[0] - 1, 0))] if xf.shape[0] else \
+            xf.new_zeros(rows.numel(), xf.shape[1])
+        xf = torch.where(inside, gathered, 0.0)
     M, K = xf.shape
-    starts, ends = group_blocks([M] if counts is None else counts)
-    sizes = torch.tensor(ends, dtype=torch.long) - torch.tensor(starts, dtype=torch.long)
-    block_of_row = torch.repeat_interleave(torch.arange(len(starts)), sizes).to(x.device)
-    amax = torch.zeros(len(starts), K, device=x.device).scatter_reduce_(
-        0, block_of_row[:, None].expand(M, K), xf.abs(), "amax")
-    scale = compute_scale(amax, pow2)
-    q = _to_e4m3(xf, scale[block_of_row])
+    NB = cdiv(M, BLOCK)
+    xp = torch.nn.functional.pad(xf, (0, 0, 0, NB * BLOCK - M))
+    scale = compute_scale(xp.view(NB, BLOCK, K).abs().amax(dim=1), pow2)
+    q = _to_e4m3(xf, scale.repeat_interleave(BLOCK, dim=0)[:M])
     return q.t().contiguous(), scale.t().contiguous()
 
 
@@ -135,13 +133,14 @@ def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype 
 
 
 def decode_e4m3(x_fp8: torch.Tensor) -> torch.Tensor:
-    """Exact fp32 values of E4M3 data (NaN codes excepted), faster on CPU than `.float()`.
+    """Exact fp32 values of E4M3 data (the NaN codes 0x7F / 0xFF -> NaN), faster on CPU than `.float()`.
 
     Shifting the 7 magnitude bits into an fp16 exponent/mantissa gives value * 2**-8 for normal and
     subnormal codes alike (both formats keep the leading bit implicit), so one fp16 -> fp32 cast remains.
     """
     u = x_fp8.view(torch.uint8).to(torch.int16)
     half_bits = ((u & 0x7F) << 7) | ((u & 0x80) << 8)
+    half_bits = torch.where((u & 0x7F) == 0x7F, 0x7E00, half_bits)
     return half_bits.view(torch.float16).float() * 256.0
 
 
@@ -207,42 +206,37 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch.stack([a[:, lo:hi] @ b[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
 
 
-def _group_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
-    """End offsets (int32 [E]) of rows sorted into groups of `counts`, as torch._grouped_mm takes them."""
-    return torch.cumsum(torch.tensor([int(c) for c in counts], dtype=torch.long), 0).to(torch.int32).to(device)
-
-
 def fp8_gemm_grouped_m(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                       counts: Sequence[int], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Rows of a [M, K] (1x128 scales) sorted by group, counts[e] rows each: out rows of group e =
-    a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and Dgrad of experts.
+                       counts: Optional[Counts], out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Rows of a [M, K] (1x128 scales) sorted by group, counts[e] rows each (None: one group): out rows
+    of group e = a_e · b[e]ᵀ with b [E, N, K] (128x128 scales [E, ceil(N/128), ceil(K/128)]). Fprop and
+    Dgrad of experts.
 
     The scales are applied to the operands in fp32 and each group's product accumulates in fp32:
     `fp8_gemm`'s per-block promotion up to fp32 rounding, in one grouped matmul.
     """
     _check_gemm(a, a_scale, b, b_scale)
-    offs = _group_offsets(counts, a.device)
+    counts = as_counts([a.shape[0]] if counts is None else counts, a.device)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
     with torch.autocast(device_type=a.device.type, enabled=False):
         out = _grouped_mm(dequantize(a, a_scale), dequantize(b, b_scale).transpose(1, 2), offs)
     return out.to(out_dtype)
 
 
 def fp8_gemm_grouped_k(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                       counts: Sequence[int]) -> torch.Tensor:
+                       counts: Optional[Counts]) -> torch.Tensor:
     """Per group e, a[:, cols of e] · b[:, cols of e]ᵀ -> fp32 [E, N, K]: the experts' weight gradients.
 
-    a [N, M] and b [K, M] come from `quantize_128x1(..., counts=counts)` (scales [*, NB], blocks
-    restarting at every group); a group with no rows gets a zero gradient. Accumulation as in
-    `fp8_gemm_grouped_m`.
+    a [N, 128 NB] and b [K, 128 NB] come from `quantize_128x1(..., counts=counts)` (blocks restarting at
+    every group, block b in columns [128 b, 128 b + 128)); `counts` None means one group, the plain
+    [N, M] / [K, M] layout. A group with no rows gets a zero gradient. Accumulation as in `fp8_gemm_grouped_m`.
     """
-    starts, ends = group_blocks(counts)
-    if not starts:
-        return torch.zeros(len(counts), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    sizes = torch.tensor(ends) - torch.tensor(starts)
-    block_of_col = torch.repeat_interleave(torch.arange(len(starts)), sizes).to(a.device)
-    offs = _group_offsets(counts, a.device)
-    a_deq = decode_e4m3(a) * a_scale[:, block_of_col]
-    b_deq = decode_e4m3(b) * b_scale[:, block_of_col]
+    if counts is None:
+        offs = torch.tensor([a.shape[1]], dtype=torch.int32, device=a.device)
+    else:
+        offs = (block_offsets(as_counts(counts, a.device))[1:] * BLOCK).clamp_max(a.shape[1])
+    a_deq = decode_e4m3(a) * a_scale.repeat_interleave(BLOCK, dim=1)[:, :a.shape[1]]
+    b_deq = decode_e4m3(b) * b_scale.repeat_interleave(BLOCK, dim=1)[:, :b.shape[1]]
     with torch.autocast(device_type=a.device.type, enabled=False):
         return _grouped_mm(a_deq, b_deq.t(), offs)
 

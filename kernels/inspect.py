@@ -10,7 +10,7 @@ launches that use it: registers, stack bytes (spills), shared memory, warps, the
 instruction, pipelined operand loads and resident CTAs per SM. Exit status 1 when a kernel spills
 or a GEMM lacks the architecture's tensor-core instruction or pipelined loads.
 
-    python -m kernels.inspect [--arch 90,100] [--model v3_671b] [--tokens 4096] [--experts-per-rank 8]
+    python -m kernels.inspect [--arch 90,100] [--model v3_671b[,tiny]] [--tokens 4096[,100]] [--experts-per-rank 8]
 """
 from __future__ import annotations
 
@@ -144,29 +144,39 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ints(text: str, option: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"kernels.inspect: {option} {text}: expected comma-separated integers") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="90,100", help="comma-separated compute capabilities x10 (90, 100)")
-    parser.add_argument("--model", default="v3_671b", help="configs/model/<name>.yaml or a YAML path")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch (GEMM M)")
+    parser.add_argument("--model", default="v3_671b", help="configs/model/<name>.yaml or YAML paths, comma-separated")
+    parser.add_argument("--tokens", default="4096", help="tokens per micro-batch (GEMM M), one or one per model")
     parser.add_argument("--experts-per-rank", type=int, default=8, help="routed experts per expert-parallel rank")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernels.inspect: unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     from .aot import TENSOR_CORE_PTX
-    try:
-        archs = [int(a) for a in args.arch.split(",")]
-    except ValueError:
-        archs = []
-    if not archs or any(a not in TENSOR_CORE_PTX for a in archs):
+    archs = _ints(args.arch, "--arch")
+    if any(a not in TENSOR_CORE_PTX for a in archs):
         raise SystemExit(f"kernels.inspect: --arch {args.arch}: allowed: comma-separated {sorted(TENSOR_CORE_PTX)}")
-    rows = inspect(load_model_config(args.model), args.tokens, args.experts_per_rank, archs)
-    print(f"# {args.model}, {args.tokens} tokens, {args.experts_per_rank} experts per rank")
-    print(format_table(rows))
-    bad = [r for r in rows if problems(r)]
-    if bad:
-        print(f"kernels.inspect: {len(bad)} of {len(rows)} compiled kernels have problems", file=sys.stderr)
-    return 1 if bad else 0
+    models, tokens = args.model.split(","), _ints(args.tokens, "--tokens")
+    if len(tokens) not in (1, len(models)):
+        raise SystemExit(f"kernels.inspect: --tokens {args.tokens}: give one value or one per model ({len(models)})")
+    failed = 0
+    for model, m in zip(models, tokens * len(models) if len(tokens) == 1 else tokens):
+        rows = inspect(load_model_config(model), m, args.experts_per_rank, archs)
+        print(f"# {model}, {m} tokens, {args.experts_per_rank} experts per rank")
+        print(format_table(rows))
+        bad = [r for r in rows if problems(r)]
+        if bad:
+            print(f"kernels.inspect: {model}: {len(bad)} of {len(rows)} compiled kernels have problems", file=sys.stderr)
+        failed += len(bad)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,23 +6,38 @@ All three GEMMs of a linear run on E4M3 operands with fine-grained scales:
   Wgrad  dW = dyᵀ · x     dy and x per 128x1 tile (128 tokens of one channel), fp32 result
 The input is cached for backward in FP8 (its 1x128 form, re-quantized to 128x1 in backward), or in
 E5M6 for the linear after attention. The experts cache their input and the SwiGLU input (gate and
-up projections) in FP8 and recompute the SwiGLU output in backward. Weight gradients are fp32;
-weights are re-quantized in backward from the (master) weights rather than cached.
+up projections) in FP8 and recompute the SwiGLU output in backward. Weight gradients are fp32.
+Weights are quantized once per optimizer step (`kernels.weights`); Dgrad reads the transposed FP8
+copy, so every GEMM operand is K-major. Expert row counts stay on the device (a tensor) or are
+None for a single expert (the dense SwiGLU): nothing here waits for the GPU.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
+from .weights import fp8_weight
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+ROW_ALIGN = 16  # Wgrad runs over tokens: its transposed operands' rows padded to 16 bytes (aligned, pipelined loads)
+
+
+def _pad_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t [M, ...] followed by `pad` zero rows (zero tokens add nothing to a weight gradient)."""
+    if not pad:
+        return t
+    raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    out = torch.cat([raw, raw.new_zeros(pad, *raw.shape[1:])])
+    return out.view(t.dtype)
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -33,8 +48,8 @@ class FP8LinearFunction(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         xq, xs = ops.quantize_1x128(x2, pow2)
-        wq, ws = ops.quantize_128x128(weight, pow2)
-        y = ops.fp8_gemm(xq, xs, wq, ws, _out_dtype(x))
+        w8 = fp8_weight(weight, pow2)
+        y = ops.fp8_gemm(xq, xs, w8.data, w8.scale, _out_dtype(x))
         if e5m6_cache:
             xq, xs = ops.quantize_e5m6(x2)
         ctx.save_for_backward(xq, xs, weight)
@@ -49,15 +64,16 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            wq, ws = ops.quantize_128x128(weight, pow2)
+            w8 = fp8_weight(weight, pow2)
             dyq, dys = ops.quantize_1x128(dy2, pow2)
-            dx = ops.fp8_gemm(dyq, dys, wq.t(), ws.t(), x_dtype).view(x_shape)
+            dx = ops.fp8_gemm(dyq, dys, w8.data_t, w8.scale_t, x_dtype).view(x_shape)
         if ctx.needs_input_grad[1]:
-            dyt, dyts = ops.quantize_128x1(dy2, pow2)
+            pad = -dy2.shape[0] % ROW_ALIGN
+            dyt, dyts = ops.quantize_128x1(_pad_rows(dy2, pad), pow2)
             if ctx.e5m6:
-                xt, xts = ops.quantize_128x1(ops.dequantize_e5m6(xq, xs, x_shape[-1]), pow2)
+                xt, xts = ops.quantize_128x1(_pad_rows(ops.dequantize_e5m6(xq, xs, x_shape[-1]), pad), pow2)
             else:
-                xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs)
+                xt, xts = ops.quantize_128x1(_pad_rows(xq, pad), pow2, x_scale=_pad_rows(xs, pad))
             dw = ops.fp8_gemm(dyt, dyts, xt, xts, torch.float32)
         return dx, dw, None, None
 
@@ -82,21 +98,22 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                counts: Sequence[int], pow2: bool, row_weight: Optional[torch.Tensor]) -> torch.Tensor:
+                counts: Optional[torch.Tensor], pow2: bool, row_weight: Optional[torch.Tensor],
+                weight_sources) -> torch.Tensor:
         out_dtype = _out_dtype(x)
         xq, xs = ops.quantize_1x128(x, pow2)
-        guq, gus = ops.quantize_128x128(w_gate_up, pow2)
-        dq, ds = ops.quantize_128x128(w_down, pow2)
-        gu = ops.fp8_gemm_grouped_m(xq, xs, guq, gus, counts, out_dtype)
+        gu8 = fp8_weight(w_gate_up, pow2, weight_sources[0])
+        d8 = fp8_weight(w_down, pow2, weight_sources[1])
+        gu = ops.fp8_gemm_grouped_m(xq, xs, gu8.data, gu8.scale, counts, out_dtype)
         g, u = gu.float().chunk(2, dim=-1)
         h = F.silu(g) * u
         if row_weight is not None:
             h = h * row_weight.float().unsqueeze(1)
         hq, hs = ops.quantize_1x128(h, pow2)
-        y = ops.fp8_gemm_grouped_m(hq, hs, dq, ds, counts, out_dtype)
+        y = ops.fp8_gemm_grouped_m(hq, hs, d8.data, d8.scale, counts, out_dtype)
         gu_q, gu_s = ops.quantize_1x128(gu, pow2)
         ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight)
-        ctx.counts, ctx.pow2, ctx.x_dtype = list(counts), pow2, x.dtype
+        ctx.counts, ctx.pow2, ctx.x_dtype, ctx.weight_sources = counts, pow2, x.dtype, weight_sources
         return y
 
     @staticmethod
@@ -107,8 +124,8 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         silu_g = F.silu(g)
         a = silu_g * u
         dyq, dys = ops.quantize_1x128(dy, pow2)
-        dq, ds = ops.quantize_128x128(w_down, pow2)
-        dh = ops.fp8_gemm_grouped_m(dyq, dys, dq.transpose(1, 2), ds.transpose(1, 2), counts, torch.float32)
+        d8 = fp8_weight(w_down, pow2, ctx.weight_sources[1])
+        dh = ops.fp8_gemm_grouped_m(dyq, dys, d8.data_t, d8.scale_t, counts, torch.float32)
         d_row_weight = None
         if row_weight is not None:
             w_N1 = row_weight.float().unsqueeze(1)
@@ -121,22 +138,29 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         dgu = torch.cat([dh * u * _silu_grad(g), dh * silu_g], dim=-1)
         dx = None
         if ctx.needs_input_grad[0]:
-            guq, gus = ops.quantize_128x128(w_gate_up, pow2)
+            gu8 = fp8_weight(w_gate_up, pow2, ctx.weight_sources[0])
             dguq, dgus = ops.quantize_1x128(dgu, pow2)
-            dx = ops.fp8_gemm_grouped_m(dguq, dgus, guq.transpose(1, 2), gus.transpose(1, 2), counts, ctx.x_dtype)
+            dx = ops.fp8_gemm_grouped_m(dguq, dgus, gu8.data_t, gu8.scale_t, counts, ctx.x_dtype)
         dgut, dguts = ops.quantize_128x1(dgu, pow2, counts=counts)
         xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
         dw_gate_up = ops.fp8_gemm_grouped_k(dgut, dguts, xt, xts, counts)
-        return dx, dw_gate_up, dw_down, None, None, d_row_weight
+        return dx, dw_gate_up, dw_down, None, None, d_row_weight, None
 
 
 def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                       counts: Sequence[int], pow2: bool = False,
-                       row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       counts: Union[Sequence[int], torch.Tensor, None], pow2: bool = False,
+                       row_weight: Optional[torch.Tensor] = None, weight_sources=(None, None)) -> torch.Tensor:
     """Experts' SwiGLU on x [T, D] (rows sorted by expert, counts[e] rows for expert e) in FP8.
 
     w_gate_up [E, 2I, D] (gate rows, then up rows: `GroupedExperts.gate_up_proj`), w_down [E, D, I];
-    `row_weight` [T] (optional) scales each row's SwiGLU output before the down projection. Returns
-    [T, D] in x's dtype (the autocast dtype under autocast). Gradients of the weights are fp32.
+    `counts` a tensor (kept on its device), a list, or None for one expert taking every row;
+    `row_weight` [T] (optional) scales each row's SwiGLU output before the down projection;
+    `weight_sources` (gate_up's, down's) the parameters a weight is built from when it is not a
+    parameter itself (`kernels.weights.fp8_weight`). Returns [T, D] in x's dtype (the autocast dtype
+    under autocast). Gradients of the weights are fp32.
     """
-    return FP8SwiGLUExpertsFunction.apply(x, w_gate_up, w_down, [int(c) for c in counts], pow2, row_weight)
+    if counts is not None and not isinstance(counts, torch.Tensor):
+        counts = torch.tensor([int(c) for c in counts], dtype=torch.long)
+    if counts is not None:
+        counts = counts.to(x.device)
+    return FP8SwiGLUExpertsFunction.apply(x, w_gate_up, w_down, counts, pow2, row_weight, tuple(weight_sources))

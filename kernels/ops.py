@@ -1,14 +1,18 @@
 """FP8 operations that pick their implementation per call: Triton for CUDA tensors, else the reference.
 
-`kernels.fp8` defines the numerics; `kernels.triton` must reproduce them. `use_backend("triton")`
-forces the Triton kernels (tests run them on CPU under TRITON_INTERPRET=1), `use_backend("reference")`
-forces PyTorch; the default "auto" takes Triton when the tensor is on CUDA and Triton imports.
+`kernels.fp8` defines the numerics; `kernels.triton` must reproduce them. The backend
+(`precision.fp8_backend`) is "auto" (Triton for CUDA tensors, the reference elsewhere), "triton"
+(always Triton: on CPU only under TRITON_INTERPRET=1, as the tests run it) or "reference"
+(PyTorch everywhere). `set_backend(name, device)` checks the choice against the device and fails
+with the GPU's name and the cause when FP8 cannot run there (no FP8 tensor cores before sm_89, or
+Triton kernels that do not import); nothing falls back silently. `use_backend` sets it for a block.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+import os
+from typing import Iterator, Optional
 
 import torch
 
@@ -16,25 +20,51 @@ from . import fp8 as reference
 from .fp8 import dequantize, dequantize_e5m6, quantize_e5m6
 
 BACKENDS = ("auto", "reference", "triton")
+FP8_MIN_CAPABILITY = (8, 9)
 _backend = "auto"
 
 
 @functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when the Triton kernels import (a GPU build of Triton, or the interpreter)."""
+def triton_import_error() -> Optional[str]:
+    """None when the Triton kernels import, else why not (one line)."""
     try:
         from . import triton as _  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as err:  # reported by set_backend / raised again by _impl
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"precision.fp8_backend must be one of {BACKENDS}, got {name!r}")
+
+
+def set_backend(name: str, device: torch.device) -> None:
+    """Make `name` the backend after checking that FP8 can run with it on `device` (RuntimeError if not)."""
+    global _backend
+    _check_name(name)
+    device = torch.device(device)
+    if name != "reference" and device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        cap = torch.cuda.get_device_capability(device)
+        if cap < FP8_MIN_CAPABILITY:
+            raise RuntimeError(f"precision.fp8_backend={name}: {gpu} (sm_{cap[0]}{cap[1]}) has no FP8 tensor cores "
+                               f"(sm_89 or newer needed); use precision=bf16 or precision.fp8_backend=reference")
+        if triton_import_error():
+            raise RuntimeError(f"precision.fp8_backend={name}: the Triton FP8 kernels do not import on {gpu}: "
+                               f"{triton_import_error()}")
+    if name == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1" or triton_import_error():
+            raise RuntimeError(f"precision.fp8_backend=triton on {device.type}: needs a CUDA GPU, or "
+                               f"TRITON_INTERPRET=1 and Triton ({triton_import_error() or 'interpreter off'})")
+    _backend = name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Within the block, run every operation with `name` ("auto", "reference" or "triton")."""
+    """Within the block, run every operation with `name` ("auto", "reference" or "triton"), unchecked."""
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"kernels backend must be one of {BACKENDS}, got {name!r}")
+    _check_name(name)
     previous, _backend = _backend, name
     try:
         yield
@@ -43,7 +73,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _impl(t: torch.Tensor):
-    if _backend == "triton" or (_backend == "auto" and t.is_cuda and triton_available()):
+    """The module for tensor t: Triton when forced or for CUDA tensors under "auto" (import errors raise)."""
+    if _backend == "triton" or (_backend == "auto" and t.is_cuda):
         from . import triton as kernels
         return kernels
     return reference
@@ -79,6 +110,6 @@ def fp8_gemm_grouped_k(a, a_scale, b, b_scale, counts):
     return _impl(a).fp8_gemm_grouped_k(a, a_scale, b, b_scale, counts)
 
 
-__all__ = ["use_backend", "triton_available", "quantize_1x128", "quantize_128x128", "quantize_128x1",
+__all__ = ["use_backend", "set_backend", "triton_import_error", "quantize_1x128", "quantize_128x128", "quantize_128x1",
            "fp8_gemm", "fp8_gemm_grouped_m", "fp8_gemm_grouped_k", "dequantize", "quantize_e5m6",
            "dequantize_e5m6"]

@@ -50,7 +50,9 @@ class FP8MLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         w_gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight]).unsqueeze(0)
-        y = fp8_swiglu_experts(x2, w_gate_up, self.down_proj.weight.unsqueeze(0), [x2.shape[0]], self.fp8_pow2)
+        sources = ((self.gate_proj.weight, self.up_proj.weight), (self.down_proj.weight,))
+        y = fp8_swiglu_experts(x2, w_gate_up, self.down_proj.weight.unsqueeze(0), None, self.fp8_pow2,
+                               weight_sources=sources)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -61,8 +63,7 @@ class FP8GroupedExperts(GroupedExperts):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
                 row_weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return fp8_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, counts_E.tolist(), self.fp8_pow2,
-                                  row_weight_N)
+        return fp8_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, counts_E, self.fp8_pow2, row_weight_N)
 
 
 class _Recompute(torch.autograd.Function):

@@ -100,13 +100,22 @@ def test_quantize_128x1_transposed_and_grouped(pow2):
     assert torch.equal(q.view(torch.uint8), q_t.view(torch.uint8)) and torch.equal(s, s_t)
     counts = [0, 130, 1, 0, 169]
     qg, sg = fp8.quantize_128x1(x, pow2, counts=counts)
-    assert sg.shape == (200, 2 + 1 + 2)
+    # 2 + 1 + 2 blocks used, padded to the bound (300 + 127 * 5) // 128 = 7; block b at columns 128 b
+    assert sg.shape == (200, 7) and qg.shape == (200, 7 * 128)
     row, blk = 0, 0
     for c in counts:
         qe, se = fp8.quantize_1x128(x[row:row + c].t().contiguous(), pow2)
-        assert torch.equal(qg[:, row:row + c].view(torch.uint8), qe.view(torch.uint8))
+        cols = qg[:, blk * 128:blk * 128 + c]
+        assert torch.equal(cols.view(torch.uint8), qe.view(torch.uint8))
         assert torch.equal(sg[:, blk:blk + se.shape[1]], se)
         row, blk = row + c, blk + se.shape[1]
+    pad = torch.ones(200, 7 * 128, dtype=torch.bool)
+    for b, n in ((0, 128), (1, 2), (2, 1), (3, 128), (4, 41)):
+        pad[:, b * 128:b * 128 + n] = False
+    assert not qg.view(torch.uint8)[pad].any(), "padding columns are zero"
+    assert torch.equal(sg[:, 5:], fp8.compute_scale(torch.zeros(200, 2), pow2))
+    qt, st = fp8.quantize_128x1(x, pow2, counts=torch.tensor(counts))
+    assert torch.equal(qt.view(torch.uint8), qg.view(torch.uint8)) and torch.equal(st, sg), "tensor counts"
 
 
 def test_quantize_128x1_from_1x128_layout_equals_quantizing_the_dequantized():
@@ -175,13 +184,15 @@ def test_grouped_gemms_equal_per_group_products():
     a, b = fp8.quantize_128x1(dy, counts=counts), fp8.quantize_128x1(x, counts=counts)
     grad = fp8.fp8_gemm_grouped_k(*a, *b, counts)
     assert grad.shape == (5, 150, 300) and grad.dtype == torch.float32
-    row, blk = 0, 0
+    blk = 0
     for e, c in enumerate(counts):
         nb = math.ceil(c / 128)
-        da = fp8.dequantize(a[0][:, row:row + c], a[1][:, blk:blk + nb]).double() if c else torch.zeros(150, 0).double()
-        db = fp8.dequantize(b[0][:, row:row + c], b[1][:, blk:blk + nb]).double() if c else torch.zeros(300, 0).double()
+        cols = slice(blk * 128, blk * 128 + c)
+        da = fp8.dequantize(a[0][:, cols], a[1][:, blk:blk + nb]).double() if c else torch.zeros(150, 0).double()
+        db = fp8.dequantize(b[0][:, cols], b[1][:, blk:blk + nb]).double() if c else torch.zeros(300, 0).double()
         assert torch.all((grad[e].double() - da @ db.t()).abs() <= _fp32_bound(da, db) + 1e-30)
-        row, blk = row + c, blk + nb
+        blk += nb
+    assert torch.equal(fp8.fp8_gemm_grouped_k(*a, *b, torch.tensor(counts)), grad), "tensor counts"
 
 
 def test_e5m6_roundtrip_rounding_and_packing():
@@ -203,3 +214,22 @@ def test_e5m6_roundtrip_rounding_and_packing():
     got = (y / scale.repeat_interleave(128, 1)[:, :257]).double().flatten()
     assert torch.all((got - v).abs() == (nearest - v).abs())
     assert ((y - x).norm() / x.norm()) < 2 ** -7
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_nan_and_inf_propagate_through_quantization_and_gemms(pow2):
+    x, w = torch.randn(4, 256), torch.randn(192, 256)
+    x[1, 5], x[2, 130] = float("nan"), float("inf")
+    q, s = fp8.quantize_1x128(x, pow2)
+    assert s[1, 0].isnan() and s[2, 1].isinf() and s[[0, 3]].isfinite().all() and s[1, 1].isfinite()
+    assert (q[1, :128].view(torch.uint8) == 0x7F).all(), "a NaN tile quantizes to NaN codes"
+    deq = fp8.dequantize(q, s)
+    assert deq[1, :128].isnan().all() and not deq[2, 128:].isfinite().any() and deq[[0, 3]].isfinite().all()
+    y = fp8.fp8_gemm(q, s, *fp8.quantize_128x128(w, pow2))
+    assert not y[1].isfinite().any() and not y[2].isfinite().any() and y[[0, 3]].isfinite().all()
+    w[7, 3] = float("nan")
+    wq, ws = fp8.quantize_128x128(w, pow2)
+    assert ws[0, 0].isnan() and ws[1, 0].isfinite()
+    xt, xts = fp8.quantize_128x1(x, pow2, counts=[1, 3])
+    assert xts[5, 1].isnan() and xts[5, 0].isfinite() and xts[130, 1].isinf()
+    assert fp8.decode_e4m3(torch.tensor([0x7F, 0xFF, 0x7E], dtype=torch.uint8).view(fp8.E4M3))[:2].isnan().all()

@@ -120,6 +120,36 @@ def check_grouped_gemms():
     assert not out[0].any() and not out[4].any(), "experts without rows get zero gradients"
 
 
+def _same_bits_or_nan(a, b, what):
+    """Bit-equal, except that a NaN scale may have any NaN payload."""
+    if a.dtype == torch.float32:
+        assert torch.equal(a.isnan(), b.isnan()), f"{what}: NaN positions differ"
+        a, b = a.nan_to_num(0.0), b.nan_to_num(0.0)
+    _same_bits(a, b, what)
+
+
+def check_nan_and_inf_propagate():
+    from kernels import fp8, triton as tk
+    x, w = _sample((130, 300), 1.0), _sample((200, 300), 1.0)
+    x[1, 5], x[2, 130], x[129, 290] = float("nan"), float("inf"), -float("nan")
+    w[7, 3] = float("nan")
+    for pow2 in (False, True):
+        for got, want, name in zip(tk.quantize_1x128(x, pow2), fp8.quantize_1x128(x, pow2), ("data", "scale")):
+            _same_bits_or_nan(got, want, f"1x128 {name} pow2={pow2}")
+        for got, want, name in zip(tk.quantize_128x128(w, pow2), fp8.quantize_128x128(w, pow2), ("data", "scale")):
+            _same_bits_or_nan(got, want, f"128x128 {name} pow2={pow2}")
+        for counts in (None, [1, 129]):
+            got, want = tk.quantize_128x1(x, pow2, counts=counts), fp8.quantize_128x1(x, pow2, counts=counts)
+            for g, r, name in zip(got, want, ("data", "scale")):
+                _same_bits_or_nan(g, r, f"128x1 {name} counts={counts} pow2={pow2}")
+        xq, wq = fp8.quantize_1x128(x, pow2), fp8.quantize_128x128(w, pow2)
+        for dtype in (torch.bfloat16, torch.float32):
+            y = tk.fp8_gemm(*xq, *wq, out_dtype=dtype)
+            assert not y[[1, 2, 129]].isfinite().any(), f"non-finite inputs lost in the GEMM ({dtype})"
+            assert y[:, :128].isnan().all(), f"a NaN weight block lost in the GEMM ({dtype})"
+            assert y[[0, 3], 128:].isfinite().all(), f"finite rows became non-finite ({dtype})"
+
+
 def check_fp8_linear_and_experts_on_triton():
     from kernels import ops
     from kernels.linear import fp8_linear, fp8_swiglu_experts

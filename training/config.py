@@ -29,6 +29,7 @@ from parallel.mesh import check_layout
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parent
 PRECISIONS = ("bf16", "fp8", "fp32")
+FP8_BACKENDS = ("auto", "triton", "reference")
 DISPATCHERS = ("flat", "hierarchical")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -54,10 +55,14 @@ class PrecisionConfig:
 
     `param_dtype`: dtype of the model's parameters. bf16 (DeepSeek-V3 section 3.3.2): fp32 master
     weights live only in the optimizer (ZeRO-1-sharded when parallel.zero=true) and weight gradients
-    are accumulated in fp32 (parallel/data_parallel.py); needs precision=bf16 or fp8."""
+    are accumulated in fp32 (parallel/data_parallel.py); needs precision=bf16 or fp8.
+
+    `fp8_backend` (fp8 only): auto (Triton kernels on a GPU, an error naming the GPU and the cause
+    where they cannot run), triton, reference (kernels/ops.py)."""
     name: str = "bf16"
     fused_head_loss: bool = False
     param_dtype: str = "fp32"
+    fp8_backend: str = "auto"
 
 
 @dataclass
@@ -432,6 +437,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> ModelConfig:
     if cfg.precision.param_dtype == "bf16" and cfg.precision.name == "fp32":
         raise ConfigError("precision.param_dtype=bf16 needs bf16 compute: use precision=bf16 or precision=fp8 "
                           "(precision=fp32 runs without autocast)")
+    _check_choice(cfg.precision.fp8_backend, FP8_BACKENDS, "precision.fp8_backend")
     if cfg.precision.name == "fp8" and importlib.util.find_spec("model.fp8") is None:
         raise ConfigError("precision=fp8 needs model/fp8.py (apply_fp8), which this checkout does not have; "
                           "use precision=bf16 or precision=fp32")

@@ -101,6 +101,7 @@ def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Tra
     model = Transformer(mcfg).to(device)
     model.fused_head_loss = cfg.precision.fused_head_loss
     if cfg.precision.name == "fp8":
+        importlib.import_module("kernels.ops").set_backend(cfg.precision.fp8_backend, device)
         importlib.import_module("model.fp8").apply_fp8(model)
     dtype = DTYPES[cfg.precision.param_dtype]
     for p in model.parameters():

@@ -5,17 +5,22 @@ by integer carry), q = div_rn(x, scale) clamped to ±448, then rounded to E4M3 w
 (round to nearest even, subnormals kept) instead of the hardware cast, so that the Triton interpreter
 (whose fp8 cast rounds differently) and the GPU give the same bytes as PyTorch. Outputs are written as
 uint8 and viewed as float8_e4m3fn. The 128x1 kernel reads either high-precision rows or FP8 rows in
-the 1x128 layout (dequantizing them with their scales) and writes the transposed tensor.
+the 1x128 layout (dequantizing them with their scales) and writes the transposed tensor, 32 columns
+per program (each column's 128-row block is independent), grouped blocks into 128-aligned slots
+(`kernels.groups`). NaN propagates: a tile holding a NaN gets a NaN scale (the maximum keeps NaN),
+NaN quantizes to the code 0x7F, and non-finite scales are not rounded to a power of 2. Row offsets
+are computed in int64 (a tensor may pass 2^31 elements).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import AMAX_FLOOR, BLOCK, E4M3, E4M3_MAX, cdiv, group_blocks
+from ..fp8 import AMAX_FLOOR, BLOCK, E4M3, E4M3_MAX, cdiv
+from ..groups import Counts, as_counts, row_blocks
 from .launch import launch
 
 _FLOOR = tl.constexpr(AMAX_FLOOR)
@@ -23,25 +28,37 @@ _FMAX = tl.constexpr(E4M3_MAX)
 
 
 @triton.jit
+def _amax(x, AXIS: tl.constexpr):
+    """max |x| along AXIS, NaN when the slice holds a NaN (tl.max alone skips NaN)."""
+    amax = tl.max(tl.abs(x), axis=AXIS)
+    has_nan = tl.max((x != x).to(tl.int32), axis=AXIS) > 0
+    return tl.where(has_nan, float("nan"), amax)
+
+
+@triton.jit
 def _scale(amax, POW2: tl.constexpr):
-    s = tl.math.div_rn(tl.maximum(amax, _FLOOR), _FMAX)
+    s = tl.math.div_rn(tl.maximum(amax, _FLOOR, propagate_nan=tl.PropagateNan.ALL), _FMAX)
     if POW2:
-        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
-    return s
+        bits = s.to(tl.int32, bitcast=True)
+        rounded = ((bits + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
+        s = tl.where((bits & 0x7F800000) == 0x7F800000, s, rounded)
+    return tl.where(s != s, float("nan"), s)
 
 
 @triton.jit
 def _e4m3_bits(x, s):
-    """Bytes of E4M3FN(x / s): round to nearest even, subnormals included, saturated at ±448."""
+    """Bytes of E4M3FN(x / s): round to nearest even, subnormals included, saturated at ±448, NaN -> 0x7F."""
     q = tl.math.div_rn(x, s)
-    q = tl.minimum(tl.maximum(q, -_FMAX), _FMAX)
+    q = tl.minimum(tl.maximum(q, -_FMAX, propagate_nan=tl.PropagateNan.ALL), _FMAX,
+                   propagate_nan=tl.PropagateNan.ALL)
     bits = q.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80
     mag = bits & 0x7FFFFFFF
     rounded = mag + 0x7FFFF + ((mag >> 20) & 1)
     normal = (rounded >> 20) - 960
     sub = (tl.abs(q) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-    return (tl.where(mag < 0x3C800000, sub, normal) | sign).to(tl.uint8)
+    code = tl.where(mag < 0x3C800000, sub, normal) | sign
+    return tl.where(q != q, 0x7F, code).to(tl.uint8)
 
 
 @triton.jit
@@ -50,10 +67,11 @@ def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K, KB, stride_xm, POW2: tl.const
     kb = tl.program_id(1)
     cols = kb * 128 + tl.arange(0, 128)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _e4m3_bits(x, s[:, None]), mask=mask)
-    tl.store(s_ptr + rows * KB + kb, s, mask=rows < M)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = _scale(_amax(x, 1), POW2)
+    tl.store(q_ptr + rows64[:, None] * K + cols[None, :], _e4m3_bits(x, s[:, None]), mask=mask)
+    tl.store(s_ptr + rows64 * KB + kb, s, mask=rows < M)
 
 
 @triton.jit
@@ -62,29 +80,38 @@ def _quant_128x128_kernel(x_ptr, q_ptr, s_ptr, N, K, NB, KB, POW2: tl.constexpr)
     rows = nb * 128 + tl.arange(0, 128)
     cols = kb * 128 + tl.arange(0, 128)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
-    offs = e.to(tl.int64) * N * K + rows[:, None] * K + cols[None, :]
+    offs = e.to(tl.int64) * N * K + rows.to(tl.int64)[:, None] * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
+    s = _scale(_amax(_amax(x, 1), 0), POW2)
     tl.store(q_ptr + offs, _e4m3_bits(x, s), mask=mask)
     tl.store(s_ptr + (e * NB + nb) * KB + kb, s)
 
 
 @triton.jit
-def _quant_128x1_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, start_ptr, end_ptr, M, K, NB, stride_xm, stride_xsm,
-                        HAS_SCALE: tl.constexpr, POW2: tl.constexpr):
-    blk, kb = tl.program_id(0), tl.program_id(1)
-    r0 = tl.load(start_ptr + blk)
-    r1 = tl.load(end_ptr + blk)
+def _quant_128x1_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, start_ptr, end_ptr, M, K, NB, MQ, stride_xm, stride_xsm,
+                        HAS_SCALE: tl.constexpr, POW2: tl.constexpr, GROUPED: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Block `blk` of 128 rows, BLOCK_K columns: written transposed to columns [128 blk, 128 blk + 128) of q."""
+    blk, kc = tl.program_id(0), tl.program_id(1)
+    if GROUPED:
+        r0 = tl.load(start_ptr + blk)
+        r1 = tl.load(end_ptr + blk)
+    else:
+        r0 = blk * 128
+        r1 = tl.minimum(r0 + 128, M)
     rows = r0 + tl.arange(0, 128)
-    cols = kb * 128 + tl.arange(0, 128)
+    slots = blk.to(tl.int64) * 128 + tl.arange(0, 128)
+    cols = kc * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < r1
     mask = rmask[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        x = x * tl.load(xs_ptr + rows * stride_xsm + kb, mask=rmask, other=0.0)[:, None]
-    s = _scale(tl.max(tl.abs(x), axis=0), POW2)
+        kb = kc * BLOCK_K // 128
+        x = x * tl.load(xs_ptr + rows.to(tl.int64) * stride_xsm + kb, mask=rmask, other=0.0)[:, None]
+    s = _scale(_amax(x, 0), POW2)
     codes = tl.trans(_e4m3_bits(x, s[None, :]))
-    tl.store(q_ptr + cols[:, None] * M + rows[None, :], codes, mask=(cols[:, None] < K) & rmask[None, :])
+    tl.store(q_ptr + cols.to(tl.int64)[:, None] * MQ + slots[None, :], codes,
+             mask=(cols[:, None] < K) & (slots[None, :] < MQ))
     tl.store(s_ptr + cols * NB + blk, s, mask=cols < K)
 
 
@@ -114,28 +141,28 @@ def quantize_128x128(w: torch.Tensor, pow2: bool = False) -> Tuple[torch.Tensor,
     return q.view(E4M3).view(w.shape), s.view(*w.shape[:-2], NB, KB)
 
 
-def block_table(M: int, counts: Optional[Sequence[int]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row ranges of the 128-row blocks as int32 tensors (restarting at each group when `counts`)."""
-    if counts is None:
-        starts = torch.arange(0, M, BLOCK, dtype=torch.int32, device=device)
-        return starts, (starts + BLOCK).clamp_max(M)
-    starts, ends = group_blocks(counts)
-    return (torch.tensor(starts, dtype=torch.int32, device=device),
-            torch.tensor(ends, dtype=torch.int32, device=device))
+QUANT_128X1_COLUMNS = 32
 
 
 def quantize_128x1(x: torch.Tensor, pow2: bool = False, *, x_scale: Optional[torch.Tensor] = None,
-                   counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `kernels.fp8.quantize_128x1`: transposed output (xt [K, M], scale [K, NB])."""
+                   counts: Optional[Counts] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `kernels.fp8.quantize_128x1`: transposed output (xt [K, M or 128 NB], scale [K, NB])."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     M, K = x.shape
-    starts, ends = block_table(M, counts, x.device)
-    NB = starts.numel()
-    q = torch.empty(K, M, dtype=torch.uint8, device=x.device)
+    if counts is None:
+        starts = ends = None
+        NB, MQ = cdiv(M, BLOCK), M
+    else:
+        _, starts, ends = row_blocks(as_counts(counts, x.device), M, BLOCK, x.device)
+        NB = starts.numel()
+        MQ = NB * BLOCK
+    q = torch.empty(K, MQ, dtype=torch.uint8, device=x.device)
     s = torch.empty(K, NB, dtype=torch.float32, device=x.device)
     if NB and K:
         xs = x_scale if x_scale is not None else s
-        launch(_quant_128x1_kernel, (NB, cdiv(K, BLOCK)), x, xs, q, s, starts, ends, M, K, NB, x.stride(0), xs.stride(0),
-                                                   HAS_SCALE=x_scale is not None, POW2=pow2)
+        table = (starts, ends) if counts is not None else (s, s)
+        launch(_quant_128x1_kernel, (NB, cdiv(K, QUANT_128X1_COLUMNS)), x, xs, q, s, *table, M, K, NB, MQ,
+               x.stride(0), xs.stride(0), HAS_SCALE=x_scale is not None, POW2=pow2, GROUPED=counts is not None,
+               BLOCK_K=QUANT_128X1_COLUMNS)
     return q.view(E4M3), s
