@@ -71,6 +71,12 @@ class GroupedExperts(nn.Module):
         return grouped_linear(hidden, self.down_proj, counts_E)
 
 
+def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """int64 [n_experts]: how often each expert id occurs in idx (`bincount` without its host sync on CUDA)."""
+    flat = idx.flatten().long()
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class LocalDispatcher:
     """Single-process dispatch: sort (token, expert) pairs by expert, run the experts with each pair's
     gate weight applied inside, and sum a token's K outputs in fp32."""
@@ -81,7 +87,7 @@ class LocalDispatcher:
         flat_idx = topk_idx_TK.flatten()
         order = torch.argsort(flat_idx, stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts_E = torch.bincount(flat_idx, minlength=experts.num_experts)
+        counts_E = count_per_expert(flat_idx, experts.num_experts)
         weight_N = topk_weight_TK.flatten().index_select(0, order)
         y_sorted = experts(_RowsToExperts.apply(x_TD, order, inverse, K), counts_E, weight_N)
         y_TKD = _RowsFromExperts.apply(y_sorted, order, inverse).view(T, K, -1)
@@ -162,7 +168,7 @@ class Router(nn.Module):
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
+                self.tokens_per_expert += count_per_expert(topk_idx_TK, self.n_experts)
         return topk_idx_TK, weight_TK * self.route_scale, scores_TE
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:

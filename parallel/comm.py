@@ -13,7 +13,7 @@ e4m3 bytes followed by the bytes of its scales. gloo has no fp8 dtype, so uint8 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,8 +90,3 @@ class TrafficCounter:
 
     def reset(self) -> None:
         self.bytes.clear()
-
-
-def counts_list(counts: torch.Tensor) -> List[int]:
-    """int64 counts tensor -> Python list (split sizes for all_to_all_single)."""
-    return [int(c) for c in counts.tolist()]

@@ -35,22 +35,35 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from model.moe import GroupedExperts
+from model.moe import GroupedExperts, count_per_expert
 
-from .comm import (TrafficCounter, all_to_all_rows, counts_list, dequantize_rows_fp8, exchange_counts,
-                   fp8_row_bytes, quantize_rows_fp8)
+from .comm import (TrafficCounter, all_to_all_rows, dequantize_rows_fp8, exchange_counts, fp8_row_bytes,
+                   quantize_rows_fp8)
 from .mesh import DISPATCHERS
 
 
 @dataclass
 class Hop:
-    """One all-to-all: copy c of this hop carries source row `src_rows[c]`; copies are grouped by
-    destination EP rank (`send_counts[r]` for rank r) and `recv_counts[r]` rows arrive from rank r."""
+    """One all-to-all: copy c of this hop carries source row `src_rows[c]` to EP rank `dest_ranks[c]`;
+    copies are grouped by destination EP rank (`send_counts[r]` for rank r) and `recv_counts[r]` rows
+    arrive from rank r, carrying `recv_pairs` (row, own expert) pairs for the receiver in all."""
 
     src_rows: torch.Tensor
+    dest_ranks: torch.Tensor
     n_src: int
     send_counts: List[int]
     recv_counts: List[int]
+    recv_pairs: int
+
+
+def _ranks_on(peer_ranks: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The peer ranks (an arithmetic progression in every hop layout) as an int64 tensor on `device`,
+    made by `arange` rather than copied from the host."""
+    first, n = peer_ranks[0], len(peer_ranks)
+    step = peer_ranks[1] - first if n > 1 else 1
+    if list(peer_ranks) != list(range(first, first + step * n, step)):
+        raise ValueError(f"dispatch: peer ranks {list(peer_ranks)} are not evenly spaced")
+    return torch.arange(first, first + step * n, step, dtype=torch.int64, device=device)
 
 
 def plan_hop(idx_RK: torch.Tensor, experts_per_peer: int, peer_ranks: Sequence[int],
@@ -59,22 +72,31 @@ def plan_hop(idx_RK: torch.Tensor, experts_per_peer: int, peer_ranks: Sequence[i
 
     Peer p (EP rank `peer_ranks[p]`, ascending) owns ids [p * experts_per_peer, (p + 1) * experts_per_peer).
     Returns the hop and the received rows' ids re-based to the receiver's block (-1 where not its own).
+    The counts exchange carries, per peer, the rows and the (row, expert) pairs sent; they reach the host
+    in one read, the hop's only synchronization: the copies are then listed without `nonzero`.
     """
-    R, _ = idx_RK.shape
+    R, K = idx_RK.shape
     n_peers = len(peer_ranks)
     valid_RK = idx_RK >= 0
-    peer_RK = torch.where(valid_RK, idx_RK // experts_per_peer, n_peers)
+    peer_RK = torch.where(valid_RK, idx_RK // experts_per_peer, n_peers).long()
     device = idx_RK.device
-    hit_RP = torch.zeros(R, n_peers + 1, dtype=torch.bool, device=device).scatter_(1, peer_RK.long(), True)
-    peer_C, row_C = hit_RP[:, :n_peers].t().nonzero(as_tuple=True)
-    send = torch.zeros(ep_size, dtype=torch.int64, device=device)
-    send[torch.tensor(list(peer_ranks), dtype=torch.int64, device=device)] = torch.bincount(peer_C, minlength=n_peers)
+    hit_RP = torch.zeros(R, n_peers + 1, dtype=torch.bool, device=device).scatter_(1, peer_RK, True)
+    pairs_P = torch.zeros(n_peers + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, peer_RK.flatten(), torch.ones(R * K, dtype=torch.int64, device=device))
+    ranks = _ranks_on(peer_ranks, device)
+    send = torch.zeros(ep_size, 2, dtype=torch.int64, device=device)
+    send[ranks, 0] = hit_RP[:, :n_peers].sum(dim=0)
+    send[ranks, 1] = pairs_P[:n_peers]
     recv = exchange_counts(send, group)
+    counts = torch.cat([send[:, 0], recv[:, 0], recv[:, 1].sum().view(1)]).tolist()
+    send_counts, recv_counts, recv_pairs = counts[:ep_size], counts[ep_size:2 * ep_size], counts[-1]
+    hit_C = torch.argsort((~hit_RP[:, :n_peers]).t().flatten().to(torch.uint8), stable=True)[:sum(send_counts)]
+    peer_C, row_C = hit_C // R, hit_C % R
     idx_CK = idx_RK[row_C]
     base_C1 = (peer_C * experts_per_peer).unsqueeze(1)
     mine_CK = (idx_CK >= 0) & (idx_CK >= base_C1) & (idx_CK < base_C1 + experts_per_peer)
     local_CK = torch.where(mine_CK, idx_CK - base_C1, -1).to(torch.int32)
-    hop = Hop(row_C, R, counts_list(send), counts_list(recv))
+    hop = Hop(row_C, ranks[peer_C], R, send_counts, recv_counts, recv_pairs)
     return hop, all_to_all_rows(local_CK, hop.send_counts, hop.recv_counts, group)
 
 
@@ -141,23 +163,26 @@ def wire_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def run_local_experts(experts: GroupedExperts, x_CD: torch.Tensor, idx_CK: torch.Tensor,
-                      w_CK: torch.Tensor) -> torch.Tensor:
+                      w_CK: torch.Tensor, n_pairs: int) -> torch.Tensor:
     """For each received row, sum over its experts on this rank of w * expert(x) (fp32, cast to x dtype);
     the gate weight w enters the expert before its down projection, as in the local dispatcher.
+    `n_pairs` (known from the counts exchange) is the number of ids >= 0 in idx_CK.
 
     When no (row, expert) pair arrives, the experts are not called but enter the graph with a zero
     contribution, so their gradients are zeros rather than None on every rank.
     """
     C, D = x_CD.shape
-    c_P, k_P = (idx_CK >= 0).nonzero(as_tuple=True)
+    K = idx_CK.shape[1]
+    pos_P = torch.argsort((idx_CK < 0).flatten().to(torch.uint8), stable=True)[:n_pairs]
+    c_P, k_P = pos_P // K, pos_P % K
     e_P = idx_CK[c_P, k_P].long()
     order = torch.argsort(e_P, stable=True)
     c_P, k_P, e_P = c_P[order], k_P[order], e_P[order]
-    if c_P.numel() == 0:
+    if n_pairs == 0:
         params = sum(p.sum() for p in experts.parameters())
         y_PD = x_CD.new_zeros(0, D) + 0.0 * (x_CD.sum() + w_CK.sum() + params)
     else:
-        counts_E = torch.bincount(e_P, minlength=experts.num_experts)
+        counts_E = count_per_expert(e_P, experts.num_experts)
         y_PD = experts(x_CD[c_P], counts_E, w_CK[c_P, k_P].float())
     y_CD = torch.zeros(C, D, dtype=torch.float32, device=x_CD.device).index_add(0, c_P, y_PD.float())
     return y_CD.to(x_CD.dtype)
@@ -212,7 +237,7 @@ class ExpertParallelDispatcher:
         wire = wire_dtype(x_TD)
         self._account(hops, x_TD.shape[1], wire, topk_idx_TK.shape[1])
         x_CD, w_CK = _Dispatch.apply(x_TD, topk_weight_TK.float(), hops, self.group, self.fp8, wire)
-        y_CD = run_local_experts(experts, x_CD, idx, w_CK)
+        y_CD = run_local_experts(experts, x_CD, idx, w_CK, hops[-1].recv_pairs if hops else 0)
         return _Combine.apply(y_CD, hops, self.group, wire)
 
     def _account(self, hops: List[Hop], D: int, wire: torch.dtype, top_k: int) -> None:
@@ -222,14 +247,11 @@ class ExpertParallelDispatcher:
             self.traffic.add("dispatch", hop.send_counts, payload)
             self.traffic.add("combine", hop.recv_counts, row)
             self.traffic.add("meta", hop.send_counts, top_k * 8)
-            self.traffic.add("meta", [1] * self.ep_size, 8)
+            self.traffic.add("meta", [1] * self.ep_size, 16)
         if hops:
             first = hops[0]
-            device = first.src_rows.device
-            dest_C = torch.repeat_interleave(torch.arange(self.ep_size, device=device),
-                                             torch.tensor(first.send_counts, device=device))
-            hit_TN = torch.zeros(first.n_src, self.n_nodes, dtype=torch.bool, device=device)
-            hit_TN[first.src_rows, dest_C // self.gpus_per_node] = True
+            hit_TN = torch.zeros(first.n_src, self.n_nodes, dtype=torch.bool, device=first.src_rows.device)
+            hit_TN[first.src_rows, first.dest_ranks // self.gpus_per_node] = True
             self.last_nodes_per_token = hit_TN.sum(dim=1)
 
 

@@ -8,7 +8,9 @@ outputs and gradients (x, gate weights, its experts' weights). Layouts: ep=4 on 
 sends no token; the "skewed" routing leaves the last EP rank's experts and expert 1 without tokens.
 Also checked: FP8 payload (exactly the 1x128-quantized input, close to fp32), bf16 autocast (rows
 travel as bf16), inter-node bytes equal to the minimum and intra-node bytes as the protocol says
-(stage 1 lands on the same local index), nodes reached per token on the actual traffic. Prints DIST_DISPATCH_OK when all pass.
+(stage 1 lands on the same local index), nodes reached per token on the actual traffic, at most one host
+synchronization per hop over forward and backward (tests/test_fp8_host_syncs.py counts them). Prints
+DIST_DISPATCH_OK when all pass.
 """
 import sys
 from functools import partial
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from dist_launch import finish_worker  # noqa: E402
+from test_fp8_host_syncs import SyncCounter  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.moe import GroupedExperts, LocalDispatcher, Router  # noqa: E402
@@ -103,13 +106,17 @@ def run_case(layout, dispatcher_name, kind, fp8, dtype, seed, amp=False):
         local.down_proj.copy_(full.down_proj[rows])
     disp = make_dispatcher(dispatcher_name, layout.ep_group, layout.gpus_per_node, fp8=fp8)
     xm, wm = x[lo:hi].clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        out = disp(xm, idx[lo:hi], wm, local)
-    (out.float() * gy[lo:hi].float()).sum().backward()
+    syncs = SyncCounter()
+    with syncs:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = disp(xm, idx[lo:hi], wm, local)
+        (out.float() * gy[lo:hi].float()).sum().backward()
 
     tag = f"{dispatcher_name} ep={layout.ep} gpn={layout.gpus_per_node} {kind} fp8={fp8} {dtype} amp={amp}"
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 and not amp else dict(rtol=3e-2, atol=2e-2)
     check(f"{tag} dtype", out.dtype == dtype and out.shape == (hi - lo, D))
+    n_hops = len(disp.hop_layout(per_rank))
+    check(f"{tag} host syncs", sum(syncs.calls.values()) <= n_hops, f"{dict(syncs.calls)} for {n_hops} hops")
     close(f"{tag} output", out, ref.detach()[lo:hi], **tol)
     close(f"{tag} grad x", xm.grad, xr.grad[lo:hi], **tol)
     close(f"{tag} grad w", wm.grad, wr.grad[lo:hi], **tol)
