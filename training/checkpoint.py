@@ -259,7 +259,8 @@ def load_latest(out_dir: Path, state: Dict[str, Any], group=None, optional: Tupl
         if problem is None:
             try:
                 metadata = SafeFileSystemReader(str(path)).read_metadata()
-                absent = [k for k in optional if not any(f.startswith(k + ".") for f in metadata.state_dict_metadata)]
+                absent = [k for k in optional
+                          if k in state and not any(f.startswith(k + ".") for f in metadata.state_dict_metadata)]
                 full = {**{k: v for k, v in state.items() if k not in absent}, "train": _train_template(metadata)}
                 with _quiet_single_process():
                     load_state(full, path)
