@@ -18,7 +18,8 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from kernels.fp8 import BLOCK, E4M3, cdiv, dequantize, quantize_1x128
+from kernels.fp8 import BLOCK, E4M3, cdiv, dequantize
+from kernels.ops import quantize_1x128
 
 
 def all_to_all_rows(x_RD: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
@@ -42,8 +43,8 @@ def fp8_row_bytes(dim: int) -> int:
 
 
 def quantize_rows_fp8(x_RD: torch.Tensor) -> torch.Tensor:
-    """Rows -> uint8 rows [R, fp8_row_bytes(D)]: the e4m3 values (kernels.fp8.quantize_1x128) then the
-    bytes of their fp32 scales."""
+    """Rows -> uint8 rows [R, fp8_row_bytes(D)]: the e4m3 values (`kernels.ops.quantize_1x128`: the Triton
+    kernel on a GPU) then the bytes of their fp32 scales."""
     R, D = x_RD.shape
     if R == 0:
         return torch.empty(0, fp8_row_bytes(D), dtype=torch.uint8, device=x_RD.device)
