@@ -210,25 +210,47 @@ def _texts(files, max_bytes: Optional[int]) -> Iterable[str]:
             return
 
 
+def _read_bar(files, max_bytes: Optional[int], progress: bool):
+    """A tqdm bar over the bytes of training text read (total known when `files` are all files)."""
+    from tqdm import tqdm
+
+    items = files if isinstance(files, (list, tuple)) else None
+    total = None
+    if items and all(isinstance(f, Path) and f.is_file() for f in items):
+        total = sum(f.stat().st_size for f in items)
+        total = min(total, max_bytes) if max_bytes is not None else total
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer: read", file=sys.stderr,
+                disable=not progress)
+
+
 def train_tokenizer(files, vocab_size: int, out_dir: Path, kind: str = "bpe",
-                    max_bytes: Optional[int] = None) -> Tokenizer:
+                    max_bytes: Optional[int] = None, progress: bool = True) -> Tokenizer:
     """Train a tokenizer of `kind` ("bpe": byte-level BPE; "sentencepiece": SentencePiece BPE with
     byte fallback) with `vocab_size` entries (specials included; fewer if the corpus is too small),
     save it in `out_dir` and return it. `files` yields Paths (files or directories, read as in
-    data.prepare) or strings (texts); `max_bytes` caps the training text."""
+    data.prepare) or strings (texts); `max_bytes` caps the training text. `progress`: a bar over
+    the text read on stderr, and (BPE, on a terminal) the trainer's own bars for the merges."""
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(KINDS)}")
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size={vocab_size} is too small; it must be >= {MIN_VOCAB} "
                          f"(256 bytes + special tokens + merges)")
-    texts = _texts(files, max_bytes)
+    bar = _read_bar(files, max_bytes, progress)
+
+    def read():
+        for text in _texts(files, max_bytes):
+            bar.update(len(text.encode("utf-8")))
+            yield text
+        bar.close()
+
+    texts = read()
     if kind == "bpe":
         from tokenizers import pre_tokenizers, trainers
 
         backend = _bpe_backend()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+                                      show_progress=progress)
         backend.train_from_iterator(texts, trainer)
     else:
         import io

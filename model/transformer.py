@@ -101,12 +101,17 @@ class Transformer(nn.Module):
         return torch.stack([m.last_balance_loss for m in layers]).sum() if layers else torch.zeros(())
 
 
+def maxvio_per_layer(load_LE: torch.Tensor) -> torch.Tensor:
+    """max_load / mean_load - 1 of each layer (row) of `load_LE` [L, E] (the report's MaxVio, section 2.1.2)."""
+    mean = load_LE.float().mean(dim=1).clamp_min(1e-9)
+    return load_LE.float().max(dim=1).values / mean - 1
+
+
 def maxvio(load_LE: torch.Tensor) -> float:
     """Max over layers of max_load / mean_load - 1 (the report's MaxVio, section 2.1.2)."""
     if load_LE.numel() == 0:
         return 0.0
-    mean = load_LE.float().mean(dim=1).clamp_min(1e-9)
-    return float((load_LE.float().max(dim=1).values / mean - 1).max())
+    return float(maxvio_per_layer(load_LE).max())
 
 
 def mtp_head_inputs(parts: nn.Module, h_BSD: torch.Tensor,

@@ -192,6 +192,18 @@ class Pipeline:
         """Tokens routed to each expert of this rank's MoE layers since the last bias update [L_local, E]."""
         return stacked_expert_load(self.moe_layers())
 
+    @torch.no_grad()
+    def full_expert_load(self, load_LE: torch.Tensor) -> torch.Tensor:
+        """The load of every MoE layer of the model [all MoE layers, E] from each pipeline rank's rows
+        `load_LE` (this rank's layers); a collective over the pipeline ranks."""
+        cfg = self.cfg
+        n_layers = cfg.n_moe_layers + (cfg.num_nextn_predict_layers if cfg.n_routed_experts else 0)
+        full = torch.zeros(n_layers, cfg.n_routed_experts, dtype=torch.float32, device=self.device)
+        if load_LE.numel():
+            full[self.moe_layer_ids()] = load_LE.float().to(self.device)
+        dist.all_reduce(full, group=self.pp_group)
+        return full
+
     def update_router_bias(self, gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
         """Auxiliary-loss-free bias update of this rank's routers (pass the load all-reduced over dp x ep)."""
         update_router_biases(self.moe_layers(), gamma, load_LE)

@@ -143,6 +143,15 @@ class PipelineParallel:
     def update_router_bias(self, gamma: float, load_LE: torch.Tensor) -> None:
         self._moe_source().update_router_bias(gamma, load_LE)
 
+    def moe_layers(self):
+        """This rank's MoE layers (those of its pipeline stages when pp > 1)."""
+        return self._moe_source().moe_layers()
+
+    def layer_load(self, load_LE: torch.Tensor) -> torch.Tensor:
+        """The load of every MoE layer of the model [all MoE layers, E] from this rank's `load_LE`
+        (gathered over the pipeline ranks when pp > 1: a collective)."""
+        return self.pipe.full_expert_load(load_LE) if self.pipe is not None else load_LE
+
     def reset_expert_load(self) -> None:
         """Forget the tokens counted since the last bias update (a skipped step)."""
         for moe in self._moe_source().moe_layers():

@@ -178,3 +178,13 @@ def test_foreign_tokenizer_json_gets_missing_specials(tmp_path):
     added = [tok.eos_id, tok.pad_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id]
     assert sorted(added) == list(range(base, base + 5))
     assert tok.decode(tok.encode(SAMPLES[1])) == SAMPLES[1]
+
+
+def test_training_shows_a_progress_bar_over_the_text_read(tmp_path, capsys):
+    src = tmp_path / "a.py"
+    src.write_text("def f(x):\n    return x + 1\n" * 200)
+    train_tokenizer([src], 300, tmp_path / "tok")
+    err = capsys.readouterr().err
+    assert "tokenizer: read" in err and "100%" in err and "5.40k/5.40k" in err  # 200 x 27 bytes
+    train_tokenizer([src], 300, tmp_path / "quiet", progress=False)
+    assert "tokenizer: read" not in capsys.readouterr().err

@@ -64,6 +64,9 @@ def test_pp2_schedule_matches_one_process(corpus, reference, tmp_path, schedule,
     assert_same_losses(ours, reference, 0.0 if exact else 1e-5, range(1, 21))
     if exact:
         assert [r["grad_norm"] for r in ours] == [r["grad_norm"] for r in reference]
+        # per-layer expert load gathered over the pipeline ranks: every MoE layer, as in one process
+        assert [r["expert_load"] for r in ours] == [r["expert_load"] for r in reference]
+        assert [r["maxvio_layers"] for r in ours] == [r["maxvio_layers"] for r in reference]
 
 
 def test_pp2_zero1_dp2_matches_one_process(corpus, reference, tmp_path):

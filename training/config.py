@@ -170,6 +170,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    artifacts: bool = False  # every saved checkpoint also becomes a W&B artifact (type "model")
 
 
 @dataclass
@@ -214,6 +215,12 @@ _keyword_field(CheckpointConfig, "async", "async_")
 
 
 @dataclass
+class ProfileConfig:
+    """`steps: "A:B"`: torch.profiler trace (and a CUDA memory snapshot) of steps A to B-1 (training/profile.py)."""
+    steps: Optional[str] = None
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,6 +231,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     seed: int = 0
     out_dir: str = "outputs/train"
     cache_dir: str = ".cache"
@@ -394,6 +402,9 @@ def _check_optim(cfg: DictConfig) -> None:
 
 
 def _check_io(cfg: DictConfig) -> None:
+    from .profile import parse_steps
+
+    parse_steps(cfg.profile.steps)
     if cfg.logging.every < 1:
         raise ConfigError(f"logging.every must be >= 1, got {cfg.logging.every}")
     _check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")

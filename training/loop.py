@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.config import ModelConfig
 from model.flops import flops_per_token
-from model.transformer import Transformer
+from model.transformer import Transformer, maxvio_per_layer
 from parallel.expert_parallel import ExpertParallel, shard_expert_state
 from parallel.mesh import build_layout
 
@@ -39,6 +39,7 @@ from .distributed import Dist
 from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger
 from .optim import DTYPES, AdamW, set_lr
+from .profile import StepProfiler
 from .schedule import Schedules
 from .step import StepResult, parallel_train_step, parallel_validate, train_step, validate
 
@@ -183,7 +184,8 @@ class Trainer:
             self.out_dir, cfg.checkpoint.keep,
             asynchronous=dist.device.type == "cuda" if asynchronous is None else asynchronous,
             pin_memory=dist.device.type == "cuda", group=dist.checkpoint_group,
-            on_saved=lambda path, s: dist.is_main and print(f"checkpoint saved: {path} ({s:.2f} s)", flush=True))
+            on_saved=self._saved)
+        self.logger: Optional[MetricsLogger] = None
 
     def describe_optimizer(self) -> str:
         """What steps the weights, e.g. "CPUAdamW (DeepSpeedCPUAdam), fp32 master weights in host memory,
@@ -197,6 +199,13 @@ class Trainer:
         return f"{text}, fp32 master weights in {where} memory, {'sharded (ZeRO-1)' if zero.shard else 'unsharded'}"
 
     # ----------------------------------------------------------------- checkpoints
+    def _saved(self, path: Path, seconds: float) -> None:
+        """A checkpoint is complete (maybe in the background): say so, and make it a W&B artifact."""
+        if self.dist.is_main:
+            print(f"checkpoint saved: {path} ({seconds:.2f} s)", flush=True)
+            if self.logger is not None:
+                self.logger.log_checkpoint(path)
+
     def _state(self) -> Dict[str, Any]:
         if self.par is not None:
             state = self.par.checkpoint_state()
@@ -306,6 +315,25 @@ class Trainer:
                                          dist=self.dist)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
+    def _layer_records(self, result: StepResult) -> Dict[str, Any]:
+        """MaxVio and tokens per expert of every MoE layer for a metrics record (a collective with pp > 1)."""
+        load = result.load if self.par is None else self.par.layer_load(result.load)
+        if load is None or load.numel() == 0:
+            return {}
+        load = load.float().cpu()
+        return {"maxvio_layers": [round(v, 4) for v in maxvio_per_layer(load).tolist()],
+                "expert_load": load.round().long().tolist()}
+
+    def _router_biases(self):
+        """The router bias of each MoE layer of this rank."""
+        layers = self.par.moe_layers() if self.par is not None else self.model.moe_layers()
+        return [m.gate.e_score_correction_bias for m in layers]
+
+    def _profiled(self, files, logger: MetricsLogger) -> None:
+        if files:
+            logger.print(f"profile written: {', '.join(str(f) for f in files)}")
+            logger.save_files(files)
+
     def _stop_or_save_by_time(self, stop: StopSignal, last_save: float) -> Tuple[bool, bool]:
         """(a stop signal arrived on some rank, `checkpoint.every_minutes` have passed on some rank)."""
         minutes = self.cfg.checkpoint.every_minutes
@@ -322,7 +350,9 @@ class Trainer:
                                total, p.step, enabled=self.dist.is_main)
         if p.step >= total:
             logger.print(f"nothing to do: {self.out_dir} already holds step {p.step} of train.steps={total}")
+        self.logger = logger
         stop = StopSignal(cfg.checkpoint.signal)
+        profiler = StepProfiler(cfg.profile.steps, self.out_dir, self.dist.rank, self.dist.device)
         last_save = time.monotonic()
         last: Dict[str, Any] = {}
         window_tokens, window_time, window_steps = 0, 0.0, 0
@@ -330,8 +360,10 @@ class Trainer:
             while p.step < total:
                 t0 = time.perf_counter()
                 tokens_before = p.tokens
+                profiler.before_step(p.step + 1)
                 result = self.step()
                 dt = time.perf_counter() - t0
+                self._profiled(profiler.after_step(p.step), logger)
                 window_tokens, window_time, window_steps = (window_tokens + p.tokens - tokens_before,
                                                             window_time + dt, window_steps + 1)
                 record: Dict[str, Any] = {}
@@ -344,12 +376,13 @@ class Trainer:
                               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak,
                               "maxvio": result.maxvio, "time": p.elapsed + time.perf_counter() - t0,
                               "skipped_steps": p.skipped_steps, "balance_loss": result.balance_loss,
-                              **result.traffic, **record}
+                              **result.traffic, **self._layer_records(result), **record}
                     if result.skipped:
                         record["skipped"] = True
                         logger.print(f"warning: step {p.step} skipped: loss {result.loss}, grad_norm "
                                      f"{result.grad_norm} ({p.skipped_in_row} in a row)")
-                    logger.log(record, eta_s=(total - p.step) * window_time / window_steps)
+                    logger.log(record, eta_s=(total - p.step) * window_time / window_steps,
+                               router_biases=self._router_biases() if "val_loss" in record else None)
                     last = record
                     window_tokens, window_time, window_steps = 0, 0.0, 0
                 p.elapsed += time.perf_counter() - t0
@@ -373,6 +406,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.close()
         finally:
+            self._profiled(profiler.close(), logger)
             stop.restore()
+            self.logger = None
             logger.close()
         return last

@@ -2,12 +2,15 @@
 
 `metrics.jsonl` holds one JSON object per logged step (blueprint section 4: step, tokens, loss,
 mtp_loss, lr, grad_norm, tokens_per_s, mfu, maxvio, time, skipped_steps, balance_loss; val_loss and
-val_bpb on validation steps). On resume the records after the checkpoint's step are dropped so the
+val_bpb on validation steps; per MoE layer `maxvio_layers` and `expert_load`, tokens per expert of the
+logged step, [layers][experts]). On resume the records after the checkpoint's step are dropped so the
 file reads as one run; a torn last line (the job died while writing it) is dropped with a warning.
 W&B runs under `out_dir/wandb`, resumes the same run id when the job is resumed, and gets the
 resolved config. Records are logged with W&B's own increasing step and plotted against their
 `step` field (`define_metric`): W&B refuses a step lower than one it has seen, so passing our step
-would drop every step replayed after a resume. W&B's warnings are shown. Only rank 0 logs.
+would drop every step replayed after a resume. W&B's warnings are shown. At validation steps W&B also
+gets the figures of training/plot.py and a router-bias histogram, and with `logging.wandb.artifacts`
+every checkpoint. Only rank 0 logs.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+import torch
 
 CONSOLE_FIELDS = (("loss", "loss {:.4f}"), ("mtp_loss", "mtp {:.4f}"), ("lr", "lr {:.2e}"),
                   ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
@@ -69,6 +74,7 @@ class MetricsLogger:
         self.enabled, self.total_steps = enabled, total_steps
         self.path = out_dir / "metrics.jsonl"
         self.run = None
+        self.artifacts = bool(wandb_cfg.get("artifacts", False))
         if not enabled:
             return
         self._truncate_after(resume_step)
@@ -109,16 +115,55 @@ class MetricsLogger:
         run.define_metric("*", step_metric="step")
         return run
 
-    def log(self, record: Dict[str, Any], eta_s: Optional[float] = None, console: bool = True) -> None:
-        """Append `record` to metrics.jsonl, send it to W&B, and print a console line."""
+    def log(self, record: Dict[str, Any], eta_s: Optional[float] = None, console: bool = True,
+            router_biases: Optional[List[torch.Tensor]] = None) -> None:
+        """Append `record` to metrics.jsonl, send it to W&B (with `router_biases`, at validation steps,
+        also the figures and the bias histogram in the same row), and print a console line."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log(record)
+            row = {k: v for k, v in record.items() if not isinstance(v, list)}
+            if router_biases is not None:
+                row.update(self._media(router_biases))
+            self.run.log(row)
         if console:
             print(console_line(record, self.total_steps, eta_s), flush=True)
+
+    def _media(self, router_biases: List[torch.Tensor]) -> Dict[str, Any]:
+        """The figures of training/plot.py (from metrics.jsonl so far) and a histogram of the router
+        biases (`e_score_correction_bias` of every MoE layer given), as W&B media."""
+        import matplotlib.pyplot as plt
+        import wandb
+
+        from .plot import figures, read_records
+
+        media: Dict[str, Any] = {}
+        for name, fig in figures(read_records(self.path)).items():
+            media[f"plots/{name}"] = wandb.Image(fig)
+            plt.close(fig)
+        if router_biases:
+            media["router_bias"] = wandb.Histogram(torch.cat([b.detach().float().cpu().flatten()
+                                                              for b in router_biases]).numpy())
+        return media
+
+    def log_checkpoint(self, path: Path) -> None:
+        """With `logging.wandb.artifacts`: the checkpoint folder `.../step_<N>` as a W&B artifact of type
+        "model" (one artifact per run, a version per checkpoint, aliases step_<N> and latest)."""
+        if self.run is None or not self.artifacts:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="model", metadata={"checkpoint": path.name})
+        artifact.add_dir(str(path))
+        self.run.log_artifact(artifact, aliases=[path.name, "latest"])
+
+    def save_files(self, paths: List[Path]) -> None:
+        """Upload files under out_dir (e.g. profiler traces) to the W&B run, keeping their relative paths."""
+        if self.run is not None:
+            for path in paths:
+                self.run.save(str(path), base_path=str(self.path.parent), policy="now")
 
     def print(self, message: str) -> None:
         if self.enabled:

@@ -35,6 +35,7 @@ class StepResult:
     maxvio: float
     skipped: bool
     traffic: Dict[str, float] = field(default_factory=dict)
+    load: Optional[torch.Tensor] = None  # [MoE layers, E]: tokens per expert over ranks (pp: local layers)
 
 
 def reset_expert_load(model: Transformer) -> None:
@@ -82,7 +83,8 @@ def train_step(model: Transformer, optimizer: AdamW, micro_batches: List[torch.T
         model.update_router_bias(gamma, load_LE)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, mtp_loss=mtp_loss, balance_loss=balance, grad_norm=norm,
-                      maxvio=maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {})
+                      maxvio=maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {},
+                      load=load_LE)
 
 
 def parallel_train_step(par: "PipelineParallel", rows: torch.Tensor, *, mtp_lambda: float, gamma: float,
@@ -107,7 +109,8 @@ def parallel_train_step(par: "PipelineParallel", rows: torch.Tensor, *, mtp_lamb
         par.update_router_bias(gamma, load_LE)
     par.zero_grad()
     return StepResult(loss=loss, mtp_loss=mtp_loss, balance_loss=balance, grad_norm=norm,
-                      maxvio=par.maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {})
+                      maxvio=par.maxvio(load_LE), skipped=skipped, traffic=ep.traffic() if ep is not None else {},
+                      load=load_LE)
 
 
 def parallel_validate(par: "PipelineParallel", batches, bytes_per_token: float, *,
