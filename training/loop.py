@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.config import ModelConfig
 from model.flops import flops_per_token
-from model.transformer import Transformer, maxvio_per_layer
+from model.transformer import Transformer
 from parallel.expert_parallel import ExpertParallel, shard_expert_state
 from parallel.mesh import build_layout
 
@@ -37,7 +37,7 @@ from .ema import EMA
 from .config import ConfigError, batch_unit, data_parallel_size, micro_batch_size, resolve_path
 from .distributed import Dist
 from .inputs import Inputs, train_batches
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, layer_records
 from .optim import DTYPES, AdamW, set_lr
 from .profile import StepProfiler
 from .schedule import Schedules
@@ -315,24 +315,9 @@ class Trainer:
                                          dist=self.dist)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
-    def _layer_records(self, result: StepResult) -> Dict[str, Any]:
-        """MaxVio and tokens per expert of every MoE layer for a metrics record (a collective with pp > 1)."""
-        load = result.load if self.par is None else self.par.layer_load(result.load)
-        if load is None or load.numel() == 0:
-            return {}
-        load = load.float().cpu()
-        return {"maxvio_layers": [round(v, 4) for v in maxvio_per_layer(load).tolist()],
-                "expert_load": load.round().long().tolist()}
-
     def _router_biases(self):
         """The router bias of each MoE layer of this rank."""
-        layers = self.par.moe_layers() if self.par is not None else self.model.moe_layers()
-        return [m.gate.e_score_correction_bias for m in layers]
-
-    def _profiled(self, files, logger: MetricsLogger) -> None:
-        if files:
-            logger.print(f"profile written: {', '.join(str(f) for f in files)}")
-            logger.save_files(files)
+        return [m.gate.e_score_correction_bias for m in (self.par or self.model).moe_layers()]
 
     def _stop_or_save_by_time(self, stop: StopSignal, last_save: float) -> Tuple[bool, bool]:
         """(a stop signal arrived on some rank, `checkpoint.every_minutes` have passed on some rank)."""
@@ -363,7 +348,7 @@ class Trainer:
                 profiler.before_step(p.step + 1)
                 result = self.step()
                 dt = time.perf_counter() - t0
-                self._profiled(profiler.after_step(p.step), logger)
+                logger.log_files(profiler.after_step(p.step))
                 window_tokens, window_time, window_steps = (window_tokens + p.tokens - tokens_before,
                                                             window_time + dt, window_steps + 1)
                 record: Dict[str, Any] = {}
@@ -376,7 +361,8 @@ class Trainer:
                               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak,
                               "maxvio": result.maxvio, "time": p.elapsed + time.perf_counter() - t0,
                               "skipped_steps": p.skipped_steps, "balance_loss": result.balance_loss,
-                              **result.traffic, **self._layer_records(result), **record}
+                              **result.traffic, **layer_records(result.load if self.par is None else self.par.layer_load(result.load)),
+                              **record}
                     if result.skipped:
                         record["skipped"] = True
                         logger.print(f"warning: step {p.step} skipped: loss {result.loss}, grad_norm "
@@ -406,7 +392,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.close()
         finally:
-            self._profiled(profiler.close(), logger)
+            logger.log_files(profiler.close())
             stop.restore()
             self.logger = None
             logger.close()

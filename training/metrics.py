@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from model.transformer import maxvio_per_layer
+
 CONSOLE_FIELDS = (("loss", "loss {:.4f}"), ("mtp_loss", "mtp {:.4f}"), ("lr", "lr {:.2e}"),
                   ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                   ("mfu", "mfu {:.2%}"), ("maxvio", "maxvio {:.3f}"),
@@ -64,6 +66,16 @@ def console_line(record: Dict[str, Any], total_steps: int, eta_s: Optional[float
     if eta_s is not None:
         parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def layer_records(load_LE: Optional[torch.Tensor]) -> Dict[str, Any]:
+    """`maxvio_layers` and `expert_load` (tokens per expert) of every MoE layer from a step's load
+    [layers, experts]; empty without MoE layers."""
+    if load_LE is None or load_LE.numel() == 0:
+        return {}
+    load = load_LE.float().cpu()
+    return {"maxvio_layers": [round(v, 4) for v in maxvio_per_layer(load).tolist()],
+            "expert_load": load.round().long().tolist()}
 
 
 class MetricsLogger:
@@ -159,8 +171,10 @@ class MetricsLogger:
         artifact.add_dir(str(path))
         self.run.log_artifact(artifact, aliases=[path.name, "latest"])
 
-    def save_files(self, paths: List[Path]) -> None:
-        """Upload files under out_dir (e.g. profiler traces) to the W&B run, keeping their relative paths."""
+    def log_files(self, paths: List[Path]) -> None:
+        """Name new files under out_dir (profiler traces) on the console and upload them to the W&B run."""
+        if paths:
+            self.print(f"written: {', '.join(str(p) for p in paths)}")
         if self.run is not None:
             for path in paths:
                 self.run.save(str(path), base_path=str(self.path.parent), policy="now")
