@@ -50,13 +50,14 @@ def load_cpu_adam_op():
                            "and ninja, or use optim.offload=none") from None
 
 
-class CPUAdamW:
-    """AdamW over named fp32 CPU tensors, stepped by `DeepSpeedCPUAdam(adamw_mode=True)`.
+class CPUAdamW(torch.optim.Optimizer):
+    """AdamW over named fp32 CPU tensors, stepped by DeepSpeed's `DeepSpeedCPUAdam` kernel (adamw_mode).
 
     Same hyper-parameters, weight-decay groups and state dict ({"step", "exp_avg", "exp_avg_sq"} by
     name, fp32 moments) as `training.optim.AdamW`. `step(before, after)` calls `before(p)` ahead of
     and `after(p)` behind each parameter's update (Zero1 waits for that gradient's copy to the host,
-    then sends the updated weights back, overlapping both with the other parameters' updates).
+    then sends the updated weights back, overlapping both with the other parameters' updates). A
+    torch Optimizer, so optimizer-step hooks (e.g. the FP8 weight cache of kernels/weights.py) run.
     """
 
     def __init__(self, named_params: Iterable[Tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.95),
@@ -69,54 +70,44 @@ class CPUAdamW:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         self.names: Dict[nn.Parameter, str] = {p: n for n, p in named}
-        self.inner = DeepSpeedCPUAdam(decay_groups(named, weight_decay, decay_embeddings), lr=lr,
-                                      betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw_mode=True,
-                                      fp32_optimizer_states=True)
+        groups = decay_groups(named, weight_decay, decay_embeddings)
+        super().__init__(groups, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        # DeepSpeed's optimizer object owns the C++ optimizer instance (created and destroyed with it);
+        # its kernel steps this optimizer's tensors with this optimizer's hyper-parameters.
+        self.kernel = DeepSpeedCPUAdam([p for _, p in named] or [torch.zeros(1)], lr=lr, betas=tuple(betas),
+                                       eps=eps, weight_decay=weight_decay, adamw_mode=True)
         self.step_count = torch.zeros((), dtype=torch.int64)
         for _, p in named:
-            self.inner.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-
-    @property
-    def param_groups(self):
-        return self.inner.param_groups
-
-    @property
-    def state(self):
-        return self.inner.state
+            self.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
     @torch.no_grad()
-    def step(self, before: Optional[Callable[[torch.Tensor], None]] = None,
+    def step(self, closure=None, before: Optional[Callable[[torch.Tensor], None]] = None,
              after: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """One AdamW step of every parameter that has a gradient (DeepSpeed's kernel, fp32)."""
+        if closure is not None:
+            raise ValueError("CPUAdamW.step does not take a closure")
         self.step_count += 1
         n = int(self.step_count)
-        opt = self.inner
-        for group in opt.param_groups:
+        kernel = self.kernel
+        for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if before is not None:
                     before(p)
-                state = opt.state[p]
-                state["step"] = n
+                state = self.state[p]
                 if p.numel():
-                    opt.ds_opt_adam.adam_update(opt.opt_id, n, group["lr"], beta1, beta2, group["eps"],
-                                                group["weight_decay"], True, p.data, p.grad.data,
-                                                state["exp_avg"], state["exp_avg_sq"])
+                    kernel.ds_opt_adam.adam_update(kernel.opt_id, n, group["lr"], beta1, beta2, group["eps"],
+                                                   group["weight_decay"], True, p.data, p.grad.data,
+                                                   state["exp_avg"], state["exp_avg_sq"])
                 if after is not None:
                     after(p)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.names:
-            p.grad = None
-
     def state_dict(self) -> Dict[str, object]:
         """`training.optim.named_state_dict` of this optimizer (fp32 moments)."""
-        return named_state_dict(self.names, self.inner.state, self.step_count)
+        return named_state_dict(self.names, self.state, self.step_count)
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Copy a by-name state (from this class or `training.optim.AdamW`) into this optimizer."""
-        load_named_state_dict(self.names, self.inner.state, self.step_count, state)
-        for s in self.inner.state.values():
-            s["step"] = int(self.step_count)
+        load_named_state_dict(self.names, self.state, self.step_count, state)

@@ -192,7 +192,7 @@ class Trainer:
         sharded (ZeRO-1)" (printed by train.py)."""
         zero = self.par.zero if self.par is not None else None
         inner = zero.optimizer if zero is not None else self.optimizer
-        text = type(inner).__name__ + (f" ({type(inner.inner).__name__})" if hasattr(inner, "inner") else "")
+        text = type(inner).__name__ + (f" ({type(inner.kernel).__name__})" if hasattr(inner, "kernel") else "")
         if zero is None:
             return text
         where = "host" if zero.offload else self.dist.device.type
