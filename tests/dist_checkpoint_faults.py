@@ -4,7 +4,8 @@
    the older checkpoint stays loadable;
 2. rank 0's meta.json write fails (full disk): the same, no rank waits at a barrier;
 3. a file whose checksum only rank 1 verifies is corrupt: both ranks fall back to the same step;
-4. an asynchronous save over the checkpoint group while the default group keeps training;
+4. an asynchronous save (with a DTensor, as expert parallelism saves experts) over the checkpoint
+   group while the default group keeps training, then loaded back;
 5. a rank that hangs: the other's collective fails within parallel.timeout_s (here 3 s).
 """
 import errno
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from training import checkpoint
 from training.checkpointer import Checkpointer
@@ -84,15 +87,22 @@ def main(out_dir: Path) -> None:
     if loaded_step(out_dir, group) != 1:
         failures.append(f"rank {rank}: step_1 not loadable after the failed saves")
 
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    experts = torch.arange(6.0).reshape(3, 2) + 10 * rank
+    live = {**state(4.0), "experts": {"w": DTensor.from_local(experts, mesh, [Shard(0)], run_check=False)}}
     saver = Checkpointer(out_dir, keep=3, asynchronous=True, pin_memory=False, group=group)
-    saver.save(4, state(4.0), {}, {})
+    saver.save(4, live, {}, {})
+    experts.add_(100.0)  # training goes on: the checkpoint holds the values at save()
     busy = torch.ones(64, 64)
     for _ in range(20):  # training collectives on the default group while the save is written
         dist.all_reduce(busy)
         busy /= 2
     saver.close()
-    if (out_dir / "checkpoints" / "step_4" / "meta.json").is_file() is False:
-        failures.append(f"rank {rank}: async step_4 missing")
+    back = torch.zeros(3, 2)
+    loaded = checkpoint.load_latest(out_dir, {**target(), "experts": {
+        "w": DTensor.from_local(back, mesh, [Shard(0)], run_check=False)}}, group)
+    if loaded is None or int(loaded[1]["step"]) != 4 or not torch.equal(back, experts - 100.0):
+        failures.append(f"rank {rank}: async step_4 with a DTensor did not load back: {back}")
 
     dist.barrier()
     newest = out_dir / "checkpoints" / "step_4"
