@@ -5,8 +5,9 @@ AdamW, fp32 on CPU, bf16 autocast on GPU) for `--steps` steps; one checkpoint of
 state is saved after the first step through `training.checkpointer.Checkpointer`, synchronously or
 asynchronously (staged to host memory, pinned on GPU, then written by a background thread). The
 stall is the wall time of those steps, the save's wait included, minus the same steps without a
-save (median of `--repeats`); the time inside the `save()` call is reported too. On a 2-core CPU
-the background writer also competes with training for the cores; on a GPU it does not.
+save (median of `--repeats`); the wall time and the training thread's CPU time inside the `save()`
+call are reported too (the CPU time is what a loaded machine cannot inflate). On a 2-core CPU the
+background writer also competes with training for the cores; on a GPU it does not.
 
     python -m bench.checkpoint [--model tiny] [--steps 4] [--repeats 3] [--out DIR]
 """
@@ -37,10 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(model, optimizer, batch, steps: int, device: torch.device, saver: Optional[Checkpointer],
         out: Path) -> tuple:
-    """(wall seconds of `steps` steps with a save after the first and its final wait, seconds in save())."""
+    """(wall seconds of `steps` steps with a save after the first and its final wait, wall and
+    thread-CPU seconds inside save())."""
     dist = Dist(rank=0, world=1, local_rank=0, device=device)
     autocast = autocast_for("bf16" if device.type == "cuda" else "fp32", device)
-    in_save = 0.0
+    in_save = cpu_in_save = 0.0
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -48,14 +50,14 @@ def run(model, optimizer, batch, steps: int, device: torch.device, saver: Option
         train_step(model, optimizer, [batch], mtp_lambda=0.3, gamma=0.001, alpha=1e-4, grad_clip=1.0,
                    autocast=autocast, dist=dist)
         if i == 0 and saver is not None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             saver.save(1, {"model": model.state_dict(), "optim": optimizer.state_dict()}, model.cfg.to_dict(), {})
-            in_save = time.perf_counter() - t0
+            in_save, cpu_in_save = time.perf_counter() - t0, time.thread_time() - c0
     if saver is not None:
         saver.wait()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, in_save
+    return time.perf_counter() - start, in_save, cpu_in_save
 
 
 def main(argv=None) -> int:
@@ -85,16 +87,18 @@ def main(argv=None) -> int:
             for mode, saver in savers.items():
                 times[mode].append(run(model, optimizer, batch, args.steps, device, saver, root))
                 print(f"repeat {r + 1}/{args.repeats} {mode}: {times[mode][-1][0]:.3f} s", file=sys.stderr, flush=True)
-        base = statistics.median(t for t, _ in times["none"])
-        stall = {m: statistics.median(t for t, _ in times[m]) - base for m in ("sync", "async")}
-        in_save = {m: statistics.median(s for _, s in times[m]) for m in ("sync", "async")}
+        base = statistics.median(t[0] for t in times["none"])
+        stall = {m: statistics.median(t[0] for t in times[m]) - base for m in ("sync", "async")}
+        in_save = {m: statistics.median(t[1] for t in times[m]) for m in ("sync", "async")}
+        cpu_in_save = {m: statistics.median(t[2] for t in times[m]) for m in ("sync", "async")}
         savers["async"].close()
         size = sum(f.stat().st_size for f in (root / "sync").rglob("*") if f.is_file())
         case = (f"{args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, checkpoint "
                 f"{size / 2**20:.0f} MiB, {device.type}, {args.steps} steps of {args.batch}x{args.seq_len} "
                 f"({base / args.steps:.3f} s/step)")
         rows = [("training stall of one save (steps with a save - steps without)", "s", stall),
-                ("time inside Checkpointer.save()", "s", in_save)]
+                ("wall time inside Checkpointer.save()", "s", in_save),
+                ("training-thread CPU time inside Checkpointer.save()", "s", cpu_in_save)]
         for what, unit, values in rows:
             print(json.dumps({"bench": "checkpoint", "case": f"{what}: {case}", "unit": unit,
                               "ours": round(values["async"], 4), "peer": "synchronous save",
