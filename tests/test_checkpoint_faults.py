@@ -138,3 +138,13 @@ def test_config_comparison(tmp_path):
     assert keep_config(tmp_path, "a: 2\n").name == "001.yaml"
     assert (tmp_path / "config_starts" / "000.yaml").read_text() == "a: 1\n"
     assert (tmp_path / "config.yaml").read_text() == "a: 2\n"
+
+
+def test_optional_entries(tmp_path):
+    save_steps(tmp_path, 1)
+    without = empty()
+    found = checkpoint.load_latest(tmp_path, without, optional=("ema",))  # neither side has an EMA
+    assert found is not None and "ema" not in without
+    with_ema = {**empty(), "ema": {"w": torch.zeros(64, 256)}}
+    found = checkpoint.load_latest(tmp_path, with_ema, optional=("ema",))  # the checkpoint has none
+    assert found is not None and "ema" not in with_ema and torch.equal(with_ema["model"]["b"], state(1.0)["model"]["b"])
