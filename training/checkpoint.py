@@ -52,10 +52,11 @@ def json_tensor(obj: Any) -> torch.Tensor:
 
 
 def tensor_json(t: torch.Tensor) -> Any:
+    """Inverse of `json_tensor`."""
     return json.loads(bytes(t.tolist()).decode())
 
 
-def _distributed(group) -> bool:
+def _distributed(group=None) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
@@ -104,6 +105,7 @@ def _quiet_single_process():
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
+    """out_dir/checkpoints/step_<step>."""
     return out_dir / "checkpoints" / f"step_{step}"
 
 

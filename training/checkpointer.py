@@ -68,10 +68,6 @@ class Checkpointer:
             err, self._error = self._error, None
             raise err
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def close(self) -> None:
         """Wait for the save in flight and release the staging buffers."""
         try:

@@ -66,5 +66,6 @@ class EMA:
             self.average[name].copy_(p.detach())
 
     def close(self) -> None:
+        """Wait for the update in flight and stop the worker thread."""
         self.wait()
         self._worker.shutdown()
