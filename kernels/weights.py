@@ -56,6 +56,5 @@ def fp8_weight(w: torch.Tensor, pow2: bool, sources: Optional[Sequence[torch.Ten
         data, scale = ops.quantize_128x128(w.detach(), pow2)
         result = FP8Weight(data, scale, data.transpose(-1, -2).contiguous(), scale.transpose(-1, -2).contiguous())
     quantizations += 1
-    if owner.device.type != "meta":
-        owner._fp8_weight = (key, result)
+    owner._fp8_weight = (key, result)
     return result
