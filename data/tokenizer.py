@@ -10,7 +10,10 @@ next word. Merged punctuation+newline tokens cause the token-boundary bias the r
 Special tokens (ids 0-5 in the BPE kind; SentencePiece puts its <|unk|> at 0 and these after):
 `<|begin_of_text|>` (BOS), `<|end_of_text|>` (EOS, joins packed documents), `<|pad|>` and the FIM
 tokens `<|fim_begin|>`, `<|fim_hole|>`, `<|fim_end|>`. `encode` never adds them and never produces
-them from text (a literal "<|fim_begin|>" in a document is encoded as ordinary text).
+them from text (a literal "<|fim_begin|>" in a document is encoded as ordinary text). A tokenizer
+that comes with a model (a Hugging Face directory) is used as it is: nothing is appended to its
+vocabulary; its BOS and PAD fall back to EOS where missing, and FIM needs its FIM tokens
+(`data.fim_rate > 0` without them is a config error, training/inputs.py).
 
 CLI: `python -m data.tokenizer --input DIR_OR_FILES... --vocab-size N --out DIR [--kind bpe|sentencepiece]`
 or `python -m data.tokenizer --load PATH`; both print a JSON summary.
@@ -23,7 +26,6 @@ import json
 import os
 import sys
 import unicodedata
-import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -50,8 +52,11 @@ class Tokenizer:
 
     def __init__(self, backend, kind: str, path: Optional[Path] = None, names: Optional[dict] = None):
         """Wrap a `tokenizers.Tokenizer` (kind "bpe") or a `SentencePieceProcessor` ("sentencepiece").
-        `names` overrides special-token strings by role (bos, eos, pad, fim_begin, fim_hole, fim_end);
-        a BPE tokenizer lacking some gets them appended to its vocabulary (with a warning)."""
+        `names` overrides special-token strings by role (bos, eos, pad, fim_begin, fim_hole, fim_end).
+
+        The vocabulary is used as it is: nothing is appended. EOS must exist; BOS and PAD fall back to
+        EOS where missing; missing FIM tokens leave their ids None (`has_fim()` is then False and
+        only FIM-free data can be built, data/dataset.py)."""
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(KINDS)}")
         self.kind = kind
@@ -61,23 +66,32 @@ class Tokenizer:
         self.names = dict(zip(ROLES, SPECIAL_TOKENS))
         self.names.update(names or {})
         if kind == "bpe":
-            missing = [n for n in self.names.values() if backend.token_to_id(n) is None]
-            if missing:
-                backend.add_special_tokens(missing)
-                warnings.warn(f"tokenizer {path}: appended the missing special tokens {missing}")
             backend.encode_special_tokens = True
             self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-            ids = {role: backend.token_to_id(n) for role, n in self.names.items()}
+            lookup = backend.token_to_id
         else:
             self.vocab_size = backend.get_piece_size()
-            ids = {role: backend.piece_to_id(n) for role, n in self.names.items()}
-            missing = [self.names[r] for r, i in ids.items() if i == backend.unk_id()]
-            if missing:
-                raise ValueError(f"SentencePiece model {path} lacks the special tokens {missing}; "
-                                 f"train it with data.tokenizer, which adds {list(SPECIAL_TOKENS)}")
+
+            def lookup(name: str) -> Optional[int]:
+                i = backend.piece_to_id(name)
+                return None if i == backend.unk_id() else i
+        ids = {role: _first_id(lookup, [self.names[role], *ALIASES.get(role, ())]) for role in ROLES}
+        if ids["eos"] is None:
+            raise ValueError(f"tokenizer {path} has no end-of-text token {self.names['eos']!r}: name it as "
+                             f"eos_token in the tokenizer_config.json beside it")
+        for role in ("bos", "pad"):
+            if ids[role] is None:
+                ids[role] = ids["eos"]
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids["fim_begin"], ids["fim_hole"], ids["fim_end"]
-        self.special_ids = {i: self.names[role] for role, i in ids.items()}
+        self.special_ids = {}
+        for role, i in ids.items():
+            if i is not None:
+                self.special_ids.setdefault(i, backend.id_to_token(i) if kind == "bpe" else backend.id_to_piece(i))
+
+    def has_fim(self) -> bool:
+        """Whether the three FIM tokens exist (data.fim_rate > 0 needs them)."""
+        return None not in (self.fim_begin_id, self.fim_hole_id, self.fim_end_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added, special-token strings encoded as plain text."""
@@ -149,9 +163,10 @@ class Tokenizer:
         into `out_dir`, a directory a Hugging Face export can copy. Returns `out_dir`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        names = self.names
-        config = {"bos_token": names["bos"], "eos_token": names["eos"], "pad_token": names["pad"],
-                  "additional_special_tokens": [names["fim_begin"], names["fim_hole"], names["fim_end"]],
+        token = self.special_ids
+        fim = [token[i] for i in (self.fim_begin_id, self.fim_hole_id, self.fim_end_id) if i is not None]
+        config = {"bos_token": token[self.bos_id], "eos_token": token[self.eos_id], "pad_token": token[self.pad_id],
+                  "additional_special_tokens": fim,
                   "add_bos_token": False, "add_eos_token": False,
                   "model_max_length": 1 << 30, "moeforge_kind": self.kind}
         if self.kind == "bpe":
@@ -163,6 +178,19 @@ class Tokenizer:
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.path = out_dir
         return out_dir
+
+
+ALIASES = {"bos": ("<｜begin▁of▁sentence｜>",), "eos": ("<｜end▁of▁sentence｜>",),
+           "fim_begin": ("<｜fim▁begin｜>",), "fim_hole": ("<｜fim▁hole｜>",), "fim_end": ("<｜fim▁end｜>",)}
+"""Other names a role's token goes by (DeepSeek's released tokenizers), tried after the configured one."""
+
+
+def _first_id(lookup, names) -> Optional[int]:
+    for name in names:
+        i = lookup(name)
+        if i is not None:
+            return i
+    return None
 
 
 def _bpe_backend():
@@ -290,8 +318,7 @@ def _config_names(config_file: Path) -> dict:
 def load_tokenizer(path: Path) -> Tokenizer:
     """Load a tokenizer from a directory holding tokenizer.json or one *.model file, or from the
     file itself (FileNotFoundError/ValueError naming the path otherwise). BOS/EOS/PAD follow a
-    tokenizer_config.json beside it; a tokenizer.json made elsewhere gets any missing special
-    tokens appended to its vocabulary."""
+    tokenizer_config.json beside it; the vocabulary is used as it is (see `Tokenizer`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path does not exist: {path}")

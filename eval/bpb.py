@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
-from .scoring import bits_per_byte
+from .scoring import bits_per_byte, positions_logprobs
 
 
 def sliding_windows(n_targets: int, context_length: int, stride: int) -> List[Tuple[int, int, int]]:
@@ -61,13 +60,11 @@ def windows_nll(model: torch.nn.Module, windows: Sequence[Tuple[Sequence[int], i
         for row, i in enumerate(batch):
             toks = torch.as_tensor(windows[i][0][:-1], dtype=torch.long)
             inputs[row, :len(toks)] = toks
-        logits = model(inputs.to(device))
+        picks = [(row, len(windows[i][0]) - 1 - windows[i][1], list(windows[i][0][-windows[i][1]:]))
+                 for row, i in enumerate(batch)]
+        logprobs, _ = positions_logprobs(model, inputs.to(device), picks)
         for row, i in enumerate(batch):
-            toks, n = windows[i]
-            k = len(toks) - 1
-            targets = torch.as_tensor(toks[k - n + 1:], dtype=torch.long, device=logits.device)
-            nll = F.cross_entropy(logits[row, k - n:k].float(), targets, reduction="none")
-            out[i] = float(nll.double().sum())
+            out[i] = -float(logprobs[row].double().sum())
         if progress is not None:
             progress(len(batch))
     return out

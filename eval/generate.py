@@ -39,8 +39,8 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_t
     step_input = seq
     out: List[int] = []
     for _ in range(max_new_tokens):
-        logits = model(step_input, cache=cache) if use_cache else model(seq)
-        next_id = logits[0, -1].argmax().view(1, 1)
+        h = model.hidden_states(step_input, cache=cache) if use_cache else model.hidden_states(seq)
+        next_id = model.lm_head(h[:, -1])[0].argmax().view(1, 1)
         out.append(int(next_id))
         if out[-1] == eos_id or (stop is not None and stop(out)):
             break

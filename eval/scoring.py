@@ -13,14 +13,30 @@ import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
+
+from model.head_loss import head_logprobs
 
 
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, tokens_BT: torch.Tensor) -> torch.Tensor:
-    """NLL in nats (fp32) of tokens[:, 1:] given their prefixes: [B, T-1]."""
-    logits = model(tokens_BT[:, :-1]).float()
-    return F.cross_entropy(logits.transpose(1, 2), tokens_BT[:, 1:], reduction="none")
+    """NLL in nats (fp32) of tokens[:, 1:] given their prefixes: [B, T-1] (head chunk by chunk)."""
+    h_BSD = model.hidden_states(tokens_BT[:, :-1])
+    logprob, _ = head_logprobs(h_BSD.flatten(0, 1), model.lm_head.weight, tokens_BT[:, 1:].flatten())
+    return -logprob.view(tokens_BT.shape[0], -1)
+
+
+@torch.no_grad()
+def positions_logprobs(model: torch.nn.Module, inputs_BS: torch.Tensor,
+                       picks: Sequence[Tuple[int, int, Sequence[int]]]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """For each (row, start, targets): the log-probabilities of `targets` predicted at positions
+    start .. start + len(targets) - 1 of that row, and whether each is the greedy choice. One
+    forward of the trunk; the head runs chunk by chunk over the picked positions only."""
+    h_BSD = model.hidden_states(inputs_BS)
+    h_ND = torch.cat([h_BSD[row, start:start + len(t)] for row, start, t in picks])
+    labels = torch.tensor([x for _, _, t in picks for x in t], dtype=torch.long, device=h_ND.device)
+    logprob, greedy = head_logprobs(h_ND, model.lm_head.weight, labels)
+    sizes = [len(t) for _, _, t in picks]
+    return list(logprob.split(sizes)), list(greedy.split(sizes))
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -58,14 +74,10 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[Tuple[Sequenc
     for lo in range(0, len(order), batch_size):
         batch = order[lo:lo + batch_size]
         inputs = [(list(requests[i][0]) + list(requests[i][1]))[-(context_length + 1):][:-1] for i in batch]
-        logits = model(_pad_right(inputs).to(device))
+        picks = [(row, len(inputs[row]) - len(requests[i][1]), list(requests[i][1])) for row, i in enumerate(batch)]
+        logprobs, greedy = positions_logprobs(model, _pad_right(inputs).to(device), picks)
         for row, i in enumerate(batch):
-            cont = torch.tensor(requests[i][1], dtype=torch.long, device=logits.device)
-            end = len(inputs[row])
-            logprobs = torch.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)
-            picked = logprobs.gather(1, cont[:, None]).squeeze(1)
-            greedy = bool((logprobs.argmax(dim=-1) == cont).all())
-            results[i] = (float(picked.double().sum()), greedy)
+            results[i] = (float(logprobs[row].double().sum()), bool(greedy[row].all()))
         if progress is not None:
             progress(len(batch))
     return results  # type: ignore[return-value]

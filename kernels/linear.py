@@ -112,13 +112,19 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         hq, hs = ops.quantize_1x128(h, pow2)
         y = ops.fp8_gemm_grouped_m(hq, hs, d8.data, d8.scale, counts, out_dtype)
         gu_q, gu_s = ops.quantize_1x128(gu, pow2)
-        ctx.save_for_backward(xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight)
+        # A weight built from sources (a dense SwiGLU's stacked gate and up) is not kept: backward
+        # rebuilds it from them, so no copy of it lives per micro-batch in flight.
+        built = [w if src is None else None for w, src in zip((w_gate_up, w_down), weight_sources)]
+        ctx.save_for_backward(xq, xs, gu_q, gu_s, *built, row_weight)
         ctx.counts, ctx.pow2, ctx.x_dtype, ctx.weight_sources = counts, pow2, x.dtype, weight_sources
+        ctx.weight_shapes = (w_gate_up.shape, w_down.shape)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight = ctx.saved_tensors
+        w_gate_up, w_down = (_rebuilt(w, src, shape) for w, src, shape
+                             in zip((w_gate_up, w_down), ctx.weight_sources, ctx.weight_shapes))
         counts, pow2 = ctx.counts, ctx.pow2
         g, u = ops.dequantize(gu_q, gu_s).chunk(2, dim=-1)
         silu_g = F.silu(g)
@@ -147,6 +153,14 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         return dx, dw_gate_up, dw_down, None, None, d_row_weight, None
 
 
+def _rebuilt(w: Optional[torch.Tensor], sources, shape) -> torch.Tensor:
+    """The weight `fp8_swiglu_experts` was given: kept as is, or stacked again from its sources."""
+    if w is not None:
+        return w
+    with torch.no_grad():
+        return torch.cat([t.detach() for t in sources], dim=-2).view(shape)
+
+
 def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                        counts: Union[Sequence[int], torch.Tensor, None], pow2: bool = False,
                        row_weight: Optional[torch.Tensor] = None, weight_sources=(None, None)) -> torch.Tensor:
@@ -156,7 +170,8 @@ def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     `counts` a tensor (kept on its device), a list, or None for one expert taking every row;
     `row_weight` [T] (optional) scales each row's SwiGLU output before the down projection;
     `weight_sources` (gate_up's, down's) the parameters a weight is built from when it is not a
-    parameter itself (`kernels.weights.fp8_weight`). Returns [T, D] in x's dtype (the autocast dtype
+    parameter itself, stacked along its output dimension (`kernels.weights.fp8_weight`); such a
+    weight is not kept for backward, which stacks it again only if its FP8 copy is stale. Returns [T, D] in x's dtype (the autocast dtype
     under autocast). Gradients of the weights are fp32.
     """
     if counts is not None and not isinstance(counts, torch.Tensor):

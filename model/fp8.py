@@ -2,18 +2,21 @@
 
 `apply_fp8(model)` switches, in place, every `nn.Linear` of the attention and MTP projections to
 `FP8Linear`, every SwiGLU (`MLP`: dense layers and shared experts; `GroupedExperts`: routed
-experts) to its FP8 version, and RMSNorm and MLA to versions that recompute in backward. The switch
+experts) to its FP8 version, and RMSNorm and the Block to versions that recompute in backward. The switch
 changes the module's class to a subclass whose forward calls `kernels.linear` or recomputes;
 parameters, names, state_dict and hooks are untouched, so optimizers and
 checkpoints built before or after keep working. Kept in BF16/FP32 per the recipe: the embedding,
 the output head, the router, the norms, the attention core and the MoE combine. The input of the
 linear after attention (`self_attn.o_proj`) is cached for backward in E5M6.
 
-Memory (section 3.2.3, recomputation of RMSNorm and of the MLA up-projections): RMSNorms keep only
-their input for backward. MLA keeps only its normalized input and recomputes its projections, RoPE
-and attention core in backward: PyTorch's attention keeps q, k and v (the up-projected tensors) for
-its backward, so not storing them means re-running the core too; this recomputes a little more than
-the report (the down-projections as well) and stores less. o_proj is outside the recomputation.
+Memory (section 3.2.3, recomputation of RMSNorm and of the MLA up-projections): no RMSNorm output
+is kept for backward. Each norm is recomputed with what reads it, so only its input, the residual
+stream, stays: MLA recomputes its input norm, projections, RoPE and attention core from the block's
+input (PyTorch's attention keeps q, k and v, the up-projected tensors, for its backward, so not
+storing them means re-running the core too; this recomputes a little more than the report, the
+down-projections as well, and stores less); the router recomputes the post-attention norm and its
+fp32 gate GEMM from the residual; the FP8 linears and experts keep FP8 copies of their inputs.
+o_proj is outside the recomputation.
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from torch import nn
 
 from kernels.linear import fp8_linear, fp8_swiglu_experts
 
-from .mla import MLA
-from .moe import MLP, GroupedExperts
+from .block import Block
+from .moe import MLP, GroupedExperts, MoE
 from .norm import RMSNorm
+from .recompute import recompute
 
 KEPT_HIGH_PRECISION = ("lm_head",)
 E5M6_CACHED = ("self_attn.o_proj",)
@@ -43,7 +47,8 @@ class FP8Linear(nn.Linear):
 
 
 class FP8MLP(MLP):
-    """Dense / shared-expert SwiGLU in FP8: one expert of the grouped FP8 SwiGLU path."""
+    """Dense / shared-expert SwiGLU in FP8: one expert of the grouped FP8 SwiGLU path (its stacked
+    gate/up weight is built from the two parameters per call and not kept for backward)."""
 
     fp8_pow2: bool = True
 
@@ -66,38 +71,6 @@ class FP8GroupedExperts(GroupedExperts):
         return fp8_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, counts_E, self.fp8_pow2, row_weight_N)
 
 
-class _Recompute(torch.autograd.Function):
-    """fn(*inputs) keeping only `inputs` for backward, which re-runs fn under the same autocast state.
-
-    `params` (the parameters fn uses) are passed through so that their gradients are returned here.
-    Inputs are saved with save_for_backward, so saved-tensor hooks see what the recompute keeps.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, n_inputs: int, *tensors: torch.Tensor):
-        ctx.fn, ctx.n_inputs, ctx.params = fn, n_inputs, tensors[n_inputs:]
-        device = tensors[0].device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(*tensors[:n_inputs])
-        with torch.no_grad():
-            return fn(*tensors[:n_inputs])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            out = ctx.fn(*inputs)
-        wrt = [t for t in (*inputs, *ctx.params) if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
-        return (None, None, *(next(grads) if t.requires_grad else None for t in (*inputs, *ctx.params)))
-
-
-def recompute(fn, inputs, params) -> torch.Tensor:
-    """fn(*inputs) whose intermediates are recomputed in backward instead of kept (inputs are kept)."""
-    return _Recompute.apply(fn, len(inputs), *inputs, *params)
-
-
 class RecomputedRMSNorm(RMSNorm):
     """RMSNorm that keeps only its input for backward (same outputs and gradients)."""
 
@@ -107,21 +80,28 @@ class RecomputedRMSNorm(RMSNorm):
         return recompute(super().forward, [x], [self.weight])
 
 
-class RecomputedMLA(MLA):
-    """MLA whose projections, RoPE and attention core are recomputed in backward from the block's
-    normalized input; o_proj stays outside, with its input cached in E5M6 (decoding with a cache
-    runs the plain path)."""
+class RecomputedBlock(Block):
+    """Block whose RMSNorms are recomputed with what reads them, so that only the residual stream is
+    kept for them: MLA recomputes its input norm, projections, RoPE and attention core in backward
+    from the block's input (o_proj stays outside, its input cached in E5M6); the router recomputes
+    the post-attention norm and its gate GEMM from the residual (`Router.forward`), while the experts
+    keep their inputs in FP8. Decoding with a cache and no-grad forwards run the plain path."""
 
-    def forward(self, x_BSD: torch.Tensor, rope, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
         if cache is not None or not torch.is_grad_enabled():
-            return super().forward(x_BSD, rope, cache)
-        inner = [p for name, p in self.named_parameters() if not name.startswith("o_proj.")]
-        return self.o_proj(recompute(lambda x: self.attend(x, rope), [x_BSD], inner))
+            return super().forward(x, rope, cache)
+        attn, norm = self.self_attn, self.input_layernorm
+        inner = [norm.weight] + [p for name, p in attn.named_parameters() if not name.startswith("o_proj.")]
+        x = x + attn.o_proj(recompute(lambda t: attn.attend(RMSNorm.forward(norm, t), rope), [x], inner))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, recompute_from=(self.post_attention_layernorm, x))
+        return x + self.mlp(h)
 
 
 _FP8_CLASS = {nn.Linear: FP8Linear, MLP: FP8MLP, GroupedExperts: FP8GroupedExperts,
-              RMSNorm: RecomputedRMSNorm, MLA: RecomputedMLA}
-_RECOMPUTED = (RecomputedRMSNorm, RecomputedMLA)
+              RMSNorm: RecomputedRMSNorm, Block: RecomputedBlock}
+_RECOMPUTED = (RecomputedRMSNorm, RecomputedBlock)
 _FP8_CLASS.update({c: c for c in list(_FP8_CLASS.values())})
 
 
@@ -130,7 +110,7 @@ def _is_kept(name: str) -> bool:
 
 
 def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
-    """Switch `model`'s linears and experts to FP8, its norms and MLAs to recomputation, in place
+    """Switch `model`'s linears and experts to FP8, its norms and blocks to recomputation, in place
     (idempotent); returns the model.
 
     `pow2_scales` rounds every scale up to a power of 2, which makes the backward pass's 1x128 ->
@@ -138,7 +118,7 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
     """
     inside_swiglu = set()
     for name, module in model.named_modules():
-        if id(module) in inside_swiglu or not isinstance(module, (nn.Linear, MLP, GroupedExperts, RMSNorm, MLA)):
+        if id(module) in inside_swiglu or not isinstance(module, (nn.Linear, MLP, GroupedExperts, RMSNorm, Block)):
             continue
         if isinstance(module, nn.Linear) and _is_kept(name):
             continue
@@ -146,7 +126,7 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
         if fp8_cls is None:
             raise TypeError(f"apply_fp8: {name} is a {type(module).__name__}, a subclass the FP8 recipe "
                             f"does not know; supported: nn.Linear, model.moe.MLP, model.moe.GroupedExperts, "
-                            f"model.norm.RMSNorm, model.mla.MLA")
+                            f"model.norm.RMSNorm, model.block.Block")
         if isinstance(module, nn.Linear) and module.bias is not None:
             raise ValueError(f"apply_fp8: {name} has a bias; the FP8 Linear supports bias-free linears only")
         module.__class__ = fp8_cls
@@ -163,5 +143,5 @@ def apply_fp8(model: nn.Module, pow2_scales: bool = True) -> nn.Module:
 def fp8_modules(model: nn.Module) -> dict:
     """Names of the modules `apply_fp8` switched, by kind (for logging and tests)."""
     kinds = {"linear": FP8Linear, "mlp": FP8MLP, "experts": FP8GroupedExperts, "norm": RecomputedRMSNorm,
-             "mla": RecomputedMLA}
+             "block": RecomputedBlock}
     return {k: [n for n, m in model.named_modules() if isinstance(m, cls)] for k, cls in kinds.items()}

@@ -12,6 +12,9 @@ them) for the part the FP8 recipe keeps in high precision (section 3.3.1: the ou
 chunked recomputation of logits is the idea of Cut Cross-Entropy (Wijmans et al., 2024), here with
 each chunk's logits materialized by ordinary GEMMs instead of a fused kernel.
 
+`head_logprobs` is the forward alone, without gradient, for validation and evaluation: per-token
+log-probabilities and greedy flags, one chunk of logits at a time.
+
 Numerics are the plain path's: logits from a GEMM in the compute dtype (the autocast dtype under
 autocast, else the input dtype), log-softmax in fp32 by the same kernel (so the logits' gradient is
 the plain path's bit for bit, given the same logits), mean over the tokens whose label is not
@@ -21,7 +24,7 @@ fp32; the plain path under autocast rounds each GEMM's, and the sum over heads, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -112,3 +115,27 @@ def prediction_loss(h_BSD: torch.Tensor, lm_head: nn.Linear, labels_BS: torch.Te
     if fused:
         return head_cross_entropy(h_BSD.flatten(0, 1), lm_head.weight, labels_BS.flatten())
     return F.cross_entropy(lm_head(h_BSD).flatten(0, 1).float(), labels_BS.flatten())
+
+
+@torch.no_grad()
+def head_logprobs(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, *,
+                  chunk_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability [N] fp32 of each label under softmax(h @ weight^T), whether the label is the
+    argmax [N] bool), computed chunk by chunk as `head_cross_entropy` does, so that no more than one
+    chunk of logits ever exists: what validation and evaluation use instead of [B, S, V] logits.
+    Logits in the compute dtype (the autocast dtype under autocast, else h's), log-softmax in fp32."""
+    if h_ND.ndim != 2 or weight_VD.ndim != 2 or h_ND.shape[1] != weight_VD.shape[1] or labels_N.shape != h_ND.shape[:1]:
+        raise ValueError(f"head_logprobs: expected hidden [N, D], weight [V, D] and labels [N], got "
+                         f"{tuple(h_ND.shape)}, {tuple(weight_VD.shape)} and {tuple(labels_N.shape)}")
+    chunk = max(1, CHUNK_ELEMENTS // weight_VD.shape[0]) if chunk_tokens is None else chunk_tokens
+    dtype = compute_dtype(h_ND, weight_VD)
+    logprob_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+    greedy_N = torch.empty(h_ND.shape[0], dtype=torch.bool, device=h_ND.device)
+    with torch.autocast(h_ND.device.type, enabled=False):
+        x, w = h_ND.to(dtype), weight_VD.to(dtype)
+        for s in range(0, x.shape[0], chunk):
+            logp = torch.log_softmax((x[s:s + chunk] @ w.t()).float(), dim=1)
+            target = labels_N[s:s + chunk].unsqueeze(1)
+            logprob_N[s:s + chunk] = logp.gather(1, target).squeeze(1)
+            greedy_N[s:s + chunk] = logp.argmax(dim=1) == target.squeeze(1)
+    return logprob_N, greedy_N

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .norm import RMSNorm
+from .recompute import recompute
 
 
 class MLP(nn.Module):
@@ -158,10 +160,20 @@ class Router(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (topk_idx [T, K], topk_weight [T, K] fp32, scores [T, E] fp32)."""
-        with torch.autocast(x_TD.device.type, enabled=False):
-            scores_TE = _Fp32Linear.apply(x_TD, self.weight).sigmoid()
+    def forward(self, x_TD: torch.Tensor, recompute_from: Optional[Tuple[RMSNorm, torch.Tensor]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (topk_idx [T, K], topk_weight [T, K] fp32, scores [T, E] fp32).
+
+        `recompute_from` = (norm, its input [T, D]) when x_TD is that norm's output: the gate GEMM
+        then keeps the norm's input (which the norm keeps anyway) instead of x_TD and recomputes the
+        norm in backward (DeepSeek-V3 section 3.2.3; the FP8 recipe, model/fp8.py, asks for it)."""
+        if recompute_from is None:
+            logits_TE = self.logits(x_TD)
+        else:
+            norm, src_TD = recompute_from
+            logits_TE = recompute(lambda t: self.logits(RMSNorm.forward(norm, t)), [src_TD],
+                                  [norm.weight, self.weight])
+        scores_TE = logits_TE.sigmoid()
         topk_idx_TK = self.select(scores_TE.detach())
         weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:
@@ -170,6 +182,11 @@ class Router(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += count_per_expert(topk_idx_TK, self.n_experts)
         return topk_idx_TK, weight_TK * self.route_scale, scores_TE
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x @ W^T in fp32 (the recipe keeps the gate in fp32), whatever autocast says."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return _Fp32Linear.apply(x_TD, self.weight)
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Group-limited top-k on the biased scores; at most `topk_group` groups per token."""
@@ -236,10 +253,14 @@ class MoE(nn.Module):
         self.aux_loss_weight = cfg.aux_loss_alpha
         self.last_balance_loss = torch.zeros(())
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, recompute_from: Optional[Tuple[RMSNorm, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """`recompute_from` = (norm, its input [B, S, D]) when x is that norm's output: the router
+        recomputes the norm instead of keeping x (`Router.forward`)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
-        topk_idx_TK, weight_TK, scores_TE = self.gate(x_TD)
+        gate_from = None if recompute_from is None else (recompute_from[0], recompute_from[1].reshape(-1, D))
+        topk_idx_TK, weight_TK, scores_TE = self.gate(x_TD, gate_from)
         y_TD = self.dispatcher(x_TD, topk_idx_TK, weight_TK, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)

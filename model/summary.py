@@ -1,24 +1,18 @@
-"""`python -m model.summary <model-config-name> [key=value ...]`: sizes and training FLOPs of a model config.
+"""Sizes and training FLOPs of a model config: the model's side of `python -m model.summary`.
 
-Prints one JSON line: total_params, active_params, mtp_params, embedding_params (conventions in
-`model/flops.py`) and flops_per_token (forward + backward, MTP included) at `train.seq_len`
-(default 4096). The model is also built on the meta device (no memory, so `v3_671b` works on a
-laptop) and its real parameter counts are checked against the formulas.
+`summarize(cfg, seq_len)`: total_params, active_params, mtp_params, embedding_params (conventions in
+`model/flops.py`) and flops_per_token (forward + backward, MTP included) at `seq_len`. The model is
+also built on the meta device (no memory, so `v3_671b` works on a laptop) and its real parameter
+counts are checked against the formulas. `load_model_config` reads `configs/model/<name>.yaml` with
+overrides.
 
-It also prints the training memory per GPU of a layout (`model/memory.py`, formula and assumptions
-there): memory_gib_per_gpu, memory_breakdown {params_gib, grads_gib, optimizer_gib, activations_gib}
-and the layout echoed. These keys are always printed; without overrides the layout is a single GPU
-(pp = dp = ep = 1) with ZeRO-1 on (a no-op there), micro-batch 1, precision bf16.
-
-Overrides: `hidden_size=512` or `model.hidden_size=512` change the model config,
-`train.seq_len=8192` the sequence length (FLOP count and activations); the layout:
-`parallel.pp= parallel.dp= parallel.ep= parallel.schedule= parallel.stages_per_rank=
-parallel.layers_per_stage=[..] parallel.zero=true|false train.micro_batch= precision=bf16|fp8|fp32
-precision.fused_head_loss=true|false (default: the precision config's) optim.moments_dtype=bf16|fp32`.
+The command `python -m model.summary <model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB]`
+prints these figures together with the training memory per GPU of a layout and can search the
+layouts that fit; its options and the memory formula are in parallel/summary.py and
+parallel/memory.py (the layer that knows layouts), to which this module's entry point hands over.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -28,7 +22,6 @@ from omegaconf import OmegaConf
 
 from .config import ModelConfig
 from .flops import expert_params, flops_per_token, param_counts
-from .memory import Layout, memory_per_gpu
 from .transformer import Transformer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -93,50 +86,9 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> Dict[str, flo
     return {**counts, "seq_len": seq_len, "flops_per_token": flops_per_token(cfg, seq_len)}
 
 
-LAYOUT_KEYS = {"parallel.pp": "pp", "parallel.dp": "dp", "parallel.ep": "ep", "parallel.schedule": "schedule",
-               "parallel.stages_per_rank": "stages_per_rank", "parallel.layers_per_stage": "layers_per_stage",
-               "parallel.zero": "zero", "train.micro_batch": "micro_batch", "precision": "precision",
-               "precision.fused_head_loss": "fused_head_loss", "optim.moments_dtype": "moments_dtype"}
-
-
-def split_layout_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, object], List[str]]:
-    """The `Layout` fields given among `overrides` (values parsed as YAML), and the other overrides."""
-    fields: Dict[str, object] = {}
-    rest: List[str] = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and key in LAYOUT_KEYS:
-            fields[LAYOUT_KEYS[key]] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
-        elif sep and key.startswith("parallel."):
-            raise ValueError(f"unknown override {item!r}: the layout keys are {', '.join(LAYOUT_KEYS)}")
-        else:
-            rest.append(item)
-    return fields, rest
-
-
-def precision_default(precision: str, key: str):
-    """`key` of `configs/precision/<precision>.yaml` (False when the file or key is absent: a bad
-    precision name is reported by the layout check)."""
-    path = CONFIG_DIR.parent / "precision" / f"{precision}.yaml"
-    return bool(OmegaConf.load(path).get(key, False)) if path.is_file() else False
-
-
-def main(argv: Sequence[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
-    try:
-        fields, rest = split_layout_overrides(argv[1:])
-        if "fused_head_loss" not in fields:
-            fields["fused_head_loss"] = precision_default(str(fields.get("precision", "bf16")), "fused_head_loss")
-        cfg, seq_len = load_model_config(argv[0], rest)
-        memory = memory_per_gpu(cfg, Layout(seq_len=seq_len, **fields))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"model.summary: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"model": argv[0], **summarize(cfg, seq_len), **memory}))
-    return 0
-
-
 if __name__ == "__main__":
+    # The command composes this module's figures with the memory per GPU of a parallel layout;
+    # it lives in parallel/summary.py because the network knows no parallelism.
+    from parallel.summary import main
+
     sys.exit(main(sys.argv[1:]))

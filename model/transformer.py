@@ -67,6 +67,11 @@ class Transformer(nn.Module):
             return logits
         return logits, [self.lm_head(x) for x in mtp_head_inputs(self, h, emb[:, 1:])]
 
+    def hidden_states(self, tokens_BS: torch.Tensor, *, cache: Optional[LatentKVCache] = None) -> torch.Tensor:
+        """What the head reads: the final norm of the trunk's last hidden states, [B, S, D]. Scoring
+        goes through `model.head_loss.head_logprobs` with it, never through [B, S, V] logits."""
+        return self.norm(self.trunk(tokens_BS, cache=cache)[0])
+
     def trunk(self, tokens_BS: torch.Tensor, *,
               cache: Optional[LatentKVCache] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embedding and blocks: (last hidden states [B, S, D] before the final norm, embeddings)."""
@@ -132,7 +137,9 @@ def next_token_losses(parts: nn.Module, h_BSD: torch.Tensor, emb_next_BSD: Optio
                       labels_BS: torch.Tensor, fused: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(main CE, mean over depths of the MTP CE, 0 without MTP) from the trunk's last hidden states;
     `parts` has the Transformer's `norm`, `lm_head`, `mtp` and `rotary` (see `mtp_head_inputs`).
-    The main loss comes first, then each depth's (the order `lm_loss` and a pipeline's last stage share)."""
+    The main loss comes first, then each depth's (the order `lm_loss` and a pipeline's last stage share).
+    Without gradient (validation) the head always runs chunk by chunk: no [B, S, V] logits."""
+    fused = fused or not torch.is_grad_enabled()
     loss = prediction_loss(parts.norm(h_BSD), parts.lm_head, labels_BS, fused)
     mtp_losses = [prediction_loss(hk, parts.lm_head, labels_BS[:, k:], fused)
                   for k, hk in enumerate(mtp_head_inputs(parts, h_BSD, emb_next_BSD), start=1)]

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from model.head_loss import head_logprobs
 from model.transformer import Transformer, lm_loss, maxvio
 
 from .data_parallel import Zero1
@@ -186,8 +186,8 @@ class PipelineParallel:
                     if self.pipe is not None:
                         mean = self.pipe.evaluate(tokens)["loss"]
                     else:
-                        logits = self.model(tokens[:, :-1]).float()
-                        mean = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                        h = self.model.hidden_states(tokens[:, :-1]).flatten(0, 1)
+                        mean = -head_logprobs(h, self.model.lm_head.weight, tokens[:, 1:].flatten())[0].mean()
                 if i < len(batches):
                     count = tokens[:, 1:].numel()
                     totals += torch.tensor([float(mean) * count, count], dtype=torch.float64, device=self.device)

@@ -159,25 +159,41 @@ def test_cli_train_and_load(tmp_path):
     assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_foreign_tokenizer_json_gets_missing_specials(tmp_path):
+def test_a_models_tokenizer_is_used_as_it_is(tmp_path):
+    """A tokenizer.json made elsewhere (a model's): nothing appended; BOS and PAD fall back to EOS, no
+    FIM tokens, so FIM data is a config error before any compute; without EOS, a clear error."""
+    from omegaconf import OmegaConf
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from model import ModelConfig
+    from training.config import ConfigError
+    from training.inputs import prepare_inputs
 
     foreign = HFTokenizer(models.BPE())
     foreign.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     foreign.decoder = decoders.ByteLevel()
     foreign.train_from_iterator(corpus_texts(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     foreign.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}}))
-    base = foreign.get_vocab_size()
-    with pytest.warns(UserWarning, match="appended the missing special tokens"):
-        tok = load_tokenizer(tmp_path)
-    assert tok.bos_id == foreign.token_to_id("<s>") and tok.vocab_size == base + 5
-    added = [tok.eos_id, tok.pad_id, tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id]
-    assert sorted(added) == list(range(base, base + 5))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == foreign.get_vocab_size() == 400
+    assert tok.eos_id == tok.bos_id == tok.pad_id == foreign.token_to_id("</s>")
+    assert not tok.has_fim() and tok.fim_begin_id is None
     assert tok.decode(tok.encode(SAMPLES[1])) == SAMPLES[1]
+    cfg = OmegaConf.create({"data": {"name": "shards", "train_dir": str(tmp_path), "val_dir": str(tmp_path),
+                                     "tokenizer": str(tmp_path), "fim_rate": 0.1}})
+    with pytest.raises(ConfigError, match="data.fim_rate=0.1 needs the FIM tokens"):
+        prepare_inputs(cfg, ModelConfig(vocab_size=400))
+    cfg.data.fim_rate = 0.0
+    with pytest.raises(ConfigError) as err:  # past the tokenizer: the (empty) shard directories
+        prepare_inputs(cfg, ModelConfig(vocab_size=400))
+    assert "fim" not in str(err.value) and "vocab_size" not in str(err.value)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        load_tokenizer(tmp_path)
 
 
 def test_training_shows_a_progress_bar_over_the_text_read(tmp_path, capsys):

@@ -158,6 +158,30 @@ def test_fp8_swiglu_experts_follow_the_recipe():
     assert not leaves[1].grad[1].any(), "an expert without tokens gets no gradient"
 
 
+def test_fp8_swiglu_with_gate_and_up_apart_equals_stacked_and_keeps_no_stack():
+    """A dense SwiGLU passes gate and up weights apart: same output and gradients as the stacked
+    weight, bit for bit, and nothing of the stack's size is kept for backward."""
+    counts = [40]
+    x, ws, dy = make_experts(counts, D=256, I=256)
+    runs = []
+    for apart in (False, True):
+        leaves = [t.clone().requires_grad_() for t in [x] + ws]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if apart:
+                y = fp8_swiglu_experts(leaves[0], leaves[1], leaves[3], counts, True, w_up=leaves[2])
+            else:
+                y = fp8_experts(*leaves, counts)
+        y.backward(dy)
+        runs.append([y] + [t.grad for t in leaves])
+        if apart:
+            weights = {t.untyped_storage().data_ptr() for t in leaves[1:]}
+            assert not [t.shape for t in saved if t.dtype == torch.float32 and t.numel() >= ws[0].numel()
+                        and t.untyped_storage().data_ptr() not in weights]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_fp8_swiglu_experts_close_to_bf16_experts():
     counts = [100, 0, 260, 150]
     x, ws, dy = make_experts(counts)
@@ -264,24 +288,24 @@ def test_no_tokens_gives_empty_outputs_and_zero_gradients():
 
 
 @pytest.mark.parametrize("fp8_gemms", [False, True])
-def test_recomputed_norms_and_attention_give_the_same_loss_and_gradients(fp8_gemms):
+def test_recomputed_norms_attention_and_router_give_the_same_loss_and_gradients(fp8_gemms):
     """Recomputation is the same math: equal loss, and gradients equal up to summation order. With
     the FP8 GEMMs and bf16 autocast on, a last-bit difference that flips an E4M3 or bf16 rounding
     is amplified to that format's step in a few tensors, so there the bound is E4M3's."""
-    from model.fp8 import RecomputedMLA, RecomputedRMSNorm
-    from model.mla import MLA
+    from model.block import Block
+    from model.fp8 import RecomputedBlock, RecomputedRMSNorm
     from model.norm import RMSNorm
     torch.manual_seed(0)
     model = apply_fp8(Transformer(tiny_config(num_hidden_layers=2)))
     plain = apply_fp8(Transformer(tiny_config(num_hidden_layers=2)))
     plain.load_state_dict(model.state_dict())
     for m in plain.modules():
-        if type(m) in (RecomputedMLA, RecomputedRMSNorm):
-            m.__class__ = MLA if isinstance(m, MLA) else RMSNorm
+        if type(m) in (RecomputedBlock, RecomputedRMSNorm):
+            m.__class__ = Block if isinstance(m, Block) else RMSNorm
     if not fp8_gemms:
         for m in list(model.modules()) + list(plain.modules()):
             m.__class__ = {FP8Linear: nn.Linear, FP8MLP: MLP, FP8GroupedExperts: GroupedExperts}.get(type(m), type(m))
-    assert fp8_modules(model)["mla"] and not fp8_modules(plain)["mla"]
+    assert fp8_modules(model)["block"] and not fp8_modules(plain)["block"]
     assert bool(fp8_modules(model)["linear"]) == fp8_gemms
     tokens = torch.randint(0, 4096, (2, 33))
     results = []

@@ -193,3 +193,18 @@ def test_precision_setting_reaches_the_model():
         cfg = compose_job(overrides + ["model.num_hidden_layers=1", "model.num_nextn_predict_layers=0"])
         assert cfg.precision.fused_head_loss is expected, overrides
         assert build_model(cfg, model_config(cfg), torch.device("cpu")).fused_head_loss is expected, overrides
+
+
+def test_head_logprobs_equal_full_logits_chunk_by_chunk():
+    """Validation and evaluation score through `head_logprobs`: per-token log-probabilities and greedy
+    flags equal those of the full [N, V] logits (fp64 reference), for any chunk size."""
+    from model.head_loss import head_logprobs
+    torch.manual_seed(0)
+    h, w = torch.randn(37, 48), torch.randn(300, 48) * 0.3
+    labels = torch.randint(0, 300, (37,))
+    labels[:5] = (h[:5].double() @ w.double().t()).argmax(dim=1)
+    ref = torch.log_softmax(h.double() @ w.double().t(), dim=1)
+    for chunk in (None, 1, 8, 64):
+        logprob, greedy = head_logprobs(h, w, labels, chunk_tokens=chunk)
+        torch.testing.assert_close(logprob.double(), ref.gather(1, labels[:, None]).squeeze(1), rtol=0, atol=1e-5)
+        assert torch.equal(greedy, ref.argmax(dim=1) == labels) and greedy[:5].all()

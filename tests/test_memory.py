@@ -1,20 +1,16 @@
-"""Memory per GPU of a layout (model/memory.py): parameter placement against the real pipeline stages
-of a meta-device model, the effect of EP and ZeRO-1 sharding, errors, and the summary CLI."""
-import json
-import subprocess
-import sys
-
+"""Memory per GPU of a layout (parallel/memory.py, model/memory.py): parameter placement against the
+real pipeline stages of a meta-device model, EP and ZeRO-1 sharding, parameter dtypes, micro-batches
+in flight against the schedules' own action lists, activations against saved-tensor bytes, errors."""
 import pytest
 import torch
 
-from model.memory import GIB, Layout, activation_bytes_per_token, memory_per_gpu, rank_param_counts
+from model.memory import GIB, activation_bytes_per_token, head_bytes_per_token
 from model.summary import load_model_config
-from model.summary import main as summary_main
 from model.transformer import Transformer
 from parallel.expert_parallel import is_expert_param
+from parallel.memory import (Layout, _forward_backward_order, held_microbatches, memory_per_gpu,
+                             rank_memory, rank_param_counts)
 from parallel.pipeline_stages import LocalModel, StageModule, rank_stages, split_layers
-
-from conftest import ROOT
 
 
 def _meta_model(cfg):
@@ -48,16 +44,24 @@ def _reference_rank_counts(cfg, pp, ep, schedule, spr):
     return out
 
 
-def test_single_gpu_params_are_exact():
+def test_single_gpu_bytes_per_parameter():
     cfg, _ = load_model_config("tiny")
-    numel = sum(p.numel() for _, p in _unique_params(_meta_model(cfg)))
+    params = _unique_params(_meta_model(cfg))
+    numel = sum(p.numel() for _, p in params)
     [counts] = rank_param_counts(cfg, Layout())
     assert counts["dense"] + counts["experts"] == numel
+    skip = ("embed_tokens.", "norm", "layernorm", "mlp.gate.weight")
+    assert counts["gemm"] == sum(p.numel() for n, p in params if not any(s in n for s in skip))
     mem = memory_per_gpu(cfg, Layout(precision="bf16"))["memory_breakdown"]
-    assert mem["params_gib"] * GIB == 6 * numel  # fp32 weight + bf16 working copy
+    assert mem["params_gib"] * GIB == 4 * numel  # fp32 parameters are their own master weights
+    assert mem["weight_copies_gib"] * GIB == 2 * counts["gemm"]  # autocast's bf16 copies
     assert mem["grads_gib"] * GIB == 4 * numel
     assert mem["optimizer_gib"] * GIB == 4 * numel  # two bf16 moments
-    assert memory_per_gpu(cfg, Layout(precision="fp32"))["memory_breakdown"]["params_gib"] * GIB == 4 * numel
+    fp8 = memory_per_gpu(cfg, Layout(precision="fp8"))["memory_breakdown"]
+    assert fp8["weight_copies_gib"] == 0  # the FP8 GEMMs quantize from the parameters per call
+    half = memory_per_gpu(cfg, Layout(precision="fp8", param_dtype="bf16"))["memory_breakdown"]
+    assert half["params_gib"] * GIB == 2 * numel and half["grads_gib"] * GIB == 4 * numel
+    assert half["optimizer_gib"] * GIB == 8 * numel  # fp32 master weight + two bf16 moments
 
 
 @pytest.mark.parametrize("schedule,spr", [("1f1b", 1), ("interleaved_1f1b", 2), ("dualpipev", 2)])
@@ -65,7 +69,8 @@ def test_single_gpu_params_are_exact():
 def test_pipeline_ranks_hold_what_the_stages_hold(schedule, spr, ep):
     cfg, _ = load_model_config("tiny")
     layout = Layout(pp=2, ep=ep, schedule=schedule)
-    assert rank_param_counts(cfg, layout) == _reference_rank_counts(cfg, 2, ep, schedule, spr)
+    got = [{k: c[k] for k in ("dense", "experts")} for c in rank_param_counts(cfg, layout)]
+    assert got == _reference_rank_counts(cfg, 2, ep, schedule, spr)
 
 
 def test_dualpipev_puts_embedding_and_head_on_rank_0():
@@ -75,18 +80,14 @@ def test_dualpipev_puts_embedding_and_head_on_rank_0():
     assert counts[0]["dense"] - counts[1]["dense"] > 2 * vocab - vocab // 2
 
 
-def test_ep_halves_the_routed_experts():
+def test_ep_halves_the_routed_experts_and_zero_shards_the_optimizer():
     cfg, _ = load_model_config("tiny")
     one, two = rank_param_counts(cfg, Layout(ep=1))[0], rank_param_counts(cfg, Layout(ep=2))[0]
     assert two["dense"] == one["dense"]
     assert 2 * two["experts"] == one["experts"] > 0
     m1 = memory_per_gpu(cfg, Layout(ep=1, zero=False))["memory_breakdown"]
     m2 = memory_per_gpu(cfg, Layout(ep=2, zero=False))["memory_breakdown"]
-    assert (m1["params_gib"] - m2["params_gib"]) * GIB == 6 * one["experts"] / 2
-
-
-def test_zero1_over_dp_halves_the_optimizer_state():
-    cfg, _ = load_model_config("tiny")
+    assert (m1["params_gib"] - m2["params_gib"]) * GIB == 4 * one["experts"] / 2
     full = memory_per_gpu(cfg, Layout(dp=1))["memory_breakdown"]
     half = memory_per_gpu(cfg, Layout(dp=2))["memory_breakdown"]
     off = memory_per_gpu(cfg, Layout(dp=2, zero=False))["memory_breakdown"]
@@ -111,8 +112,32 @@ def test_activations_follow_micro_batch_and_pipeline_depth():
     rank0 = 2 * S * sum(activation_bytes_per_token(cfg, i, "bf16") for i in range(2))
     rank1 = S * sum(activation_bytes_per_token(cfg, i, "bf16") for i in range(2, 4)) + head
     got = memory_per_gpu(cfg, Layout(seq_len=S, pp=2))
-    peak = got["layout"]["peak_pp_rank"]
-    assert got["memory_breakdown"]["activations_gib"] * GIB == [rank0, rank1][peak]
+    assert got["memory_breakdown"]["activations_gib"] * GIB == [rank0, rank1][got["layout"]["peak_pp_rank"]]
+    bf16 = activation_bytes_per_token(cfg, 3, "fp8", "bf16")
+    assert activation_bytes_per_token(cfg, 3, "fp8") - bf16 == 2 * 2 * cfg.hidden_size  # two norms keep the residual
+    assert head_bytes_per_token(cfg, "fp8", True) == 2 * cfg.hidden_size + 8
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zbv", "dualpipev"])
+def test_micro_batches_in_flight_come_from_the_schedule(schedule):
+    """The peak is walked on the schedule's own action lists; it stops growing at 2 x stages
+    micro-batches (what the estimate walks when train.global_batch is not given), and 1F1B's
+    closed form equals its executed order."""
+    pp, weights = 4, [1.0, 10.0, 100.0, 1000.0, 1e4, 1e5, 1e6, 1e7]
+    n_stages = pp * (1 if schedule == "1f1b" else 2)
+    short = Layout(pp=pp, schedule=schedule)
+    for n in (2 * n_stages, 4 * n_stages):
+        layout = Layout(pp=pp, schedule=schedule, global_batch=n)
+        assert held_microbatches(layout, weights[:n_stages]) == held_microbatches(short, weights[:n_stages])
+    if schedule == "1f1b":
+        walked = []
+        for order in _forward_backward_order("1f1b", pp, None, 2 * n_stages):
+            held = peak = 0
+            for sign, _ in order:
+                held += sign
+                peak = max(peak, held)
+            walked.append(peak)
+        assert walked == [pp - r for r in range(pp)]
 
 
 def test_fp8_caches_less_than_bf16():
@@ -126,6 +151,9 @@ def test_fp8_caches_less_than_bf16():
     (Layout(pp=2, schedule="gpipe"), "parallel.schedule"),
     (Layout(dp=0), "parallel.dp"),
     (Layout(precision="fp16"), "precision"),
+    (Layout(precision="fp32", param_dtype="bf16"), "precision.param_dtype"),
+    (Layout(pp=2, schedule="dualpipev", global_batch=2), "DualPipeV"),
+    (Layout(dp=2, global_batch=3), "train.global_batch"),
 ])
 def test_impossible_layouts_raise_clear_errors(layout, message):
     cfg, _ = load_model_config("tiny")
@@ -133,35 +161,68 @@ def test_impossible_layouts_raise_clear_errors(layout, message):
         memory_per_gpu(cfg, layout)
 
 
-def test_summary_cli_prints_memory_and_layout():
-    out = subprocess.run([sys.executable, "-m", "model.summary", "tiny", "parallel.pp=2", "parallel.ep=2",
-                          "parallel.dp=2", "parallel.schedule=dualpipev", "train.micro_batch=2", "precision=fp8"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    row = json.loads(out.stdout)
-    cfg, seq_len = load_model_config("tiny")
-    expected = memory_per_gpu(cfg, Layout(pp=2, ep=2, dp=2, schedule="dualpipev", micro_batch=2,
-                                          precision="fp8", seq_len=seq_len, fused_head_loss=True))
-    assert row["layout"]["fused_head_loss"] is True  # configs/precision/fp8.yaml turns it on
-    assert row["memory_gib_per_gpu"] == pytest.approx(expected["memory_gib_per_gpu"])
-    assert row["memory_breakdown"] == pytest.approx(expected["memory_breakdown"])
-    assert row["layout"]["world_size"] == 8 and row["layout"]["schedule"] == "dualpipev"
-    assert row["memory_gib_per_gpu"] == pytest.approx(sum(row["memory_breakdown"].values()))
-
-
-def test_summary_cli_rejects_impossible_layouts(capsys):
-    assert summary_main(["tiny", "parallel.ep=3"]) == 2
-    assert "parallel.ep" in capsys.readouterr().err
-    assert summary_main(["tiny", "parallel.tp=2"]) == 2
-    assert "parallel.tp" in capsys.readouterr().err
-
-
-def test_fp8_activation_formula_matches_saved_tensors():
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_fp8_activation_formula_matches_saved_tensors(param_dtype):
     """The per-layer formula against the bytes autograd really keeps (bench.activation_memory's
-    saved-tensor hooks) for the FP8 recipe on tiny: Transformer blocks, main layers and MTP block."""
+    saved-tensor hooks) for the FP8 recipe on tiny: Transformer blocks, main layers and MTP block;
+    with bf16 parameters the residual stream is bf16 too."""
     from bench.activation_memory import build, per_token
     cfg, _ = load_model_config("tiny")
-    measured = per_token(build(cfg, recipe=True), seq_len=64)["blocks"]
+    model = build(cfg, recipe=True)
+    if param_dtype == "bf16":
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    measured = per_token(model, seq_len=64)["blocks"]
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    formula = sum(activation_bytes_per_token(cfg, i, "fp8") for i in range(layers))
+    formula = sum(activation_bytes_per_token(cfg, i, "fp8", param_dtype) for i in range(layers))
     assert abs(formula / measured - 1) < 0.05, (formula, measured)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from train_helpers import build_corpus
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+SMALL_2_LAYERS = ["model.num_hidden_layers=2", "model.n_routed_experts=8", "model.n_group=2", "model.topk_group=1"]
+
+
+@pytest.mark.parametrize("model_name,extra", [("tiny", []), ("small", SMALL_2_LAYERS)])
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_estimated_state_bytes_equal_what_the_trainer_holds(corpus, model_name, extra, precision):
+    """One step of the trainer (training/loop.py `Trainer`, one process): the bytes of its parameters,
+    of its gradients when the optimizer steps, and of the optimizer state after the step equal the
+    estimate's params, grads and optimizer columns for the same settings. `small` runs with 2 layers
+    and 8 experts (its full size does not suit a test machine)."""
+    from train_helpers import job_args
+    from training.config import compose_job, validate
+    from training.distributed import Dist
+    from training.inputs import prepare_inputs
+    from training.loop import Trainer
+
+    cfg = compose_job([*job_args(corpus, "unused"), f"model={model_name}", *extra, f"precision={precision}",
+                       f"model.vocab_size={corpus['vocab_size']}", "train.seq_len=32", "train.global_batch=2",
+                       "train.micro_batch=1"])
+    mcfg = validate(cfg)
+    trainer = Trainer(cfg, mcfg, Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu")),
+                      prepare_inputs(cfg, mcfg))
+    seen = {}
+    step = trainer.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        seen["grads"] = sum({p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
+                             for p in trainer.model.parameters() if p.grad is not None}.values())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counting_step
+    trainer._step()
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.model.parameters()}
+    state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for s in trainer.optimizer.state.values()
+             for t in s.values() if torch.is_tensor(t)}
+    layout = Layout(precision=precision, fused_head_loss=bool(cfg.precision.fused_head_loss),
+                    param_dtype=str(cfg.precision.get("param_dtype", "fp32")), moments_dtype=cfg.optim.moments_dtype,
+                    zero=False, seq_len=32)
+    [row] = rank_memory(mcfg, layout)
+    assert sum(storages.values()) == row["params_gib"] * GIB
+    assert seen["grads"] == row["grads_gib"] * GIB
+    assert sum(state.values()) == row["optimizer_gib"] * GIB

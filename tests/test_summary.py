@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.flops import flops_per_token, param_counts
 from model.summary import load_model_config, meta_param_counts, summarize
-from model.summary import main as summary_main
 from model.transformer import Transformer
+from parallel.summary import main as planner_main
 
 from conftest import ROOT
 
@@ -117,5 +117,94 @@ def test_summary_cli_prints_one_json_line():
 
 
 def test_summary_rejects_unknown_override(capsys):
-    assert summary_main(["tiny", "hiden_size=3"]) == 2
+    assert planner_main(["tiny", "hiden_size=3"]) == 2
     assert "hiden_size" in capsys.readouterr().err
+
+
+REPORT_LAYOUT = ["parallel.pp=16", "parallel.ep=64", "parallel.dp=2", "parallel.schedule=dualpipev", "precision=fp8",
+                 "train.seq_len=4096", "train.micro_batch=1"]
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.strip().splitlines()]
+
+
+def test_summary_prints_memory_with_what_training_uses(capsys):
+    """Unset settings are training's: configs/precision/fp8.yaml (fused head loss, parameter dtype),
+    configs/optim/adamw.yaml (moments), configs/parallel/default.yaml (ZeRO-1 on when dp x ep > 1)."""
+    from omegaconf import OmegaConf
+    from parallel.memory import Layout, memory_per_gpu
+    assert planner_main(["tiny", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2", "parallel.schedule=dualpipev",
+                         "train.micro_batch=2", "precision=fp8"]) == 0
+    [row] = _json_lines(capsys.readouterr().out)
+    precision = OmegaConf.load(ROOT / "configs/precision/fp8.yaml")
+    assert row["layout"]["fused_head_loss"] is precision.fused_head_loss is True
+    assert row["layout"]["param_dtype"] == precision.get("param_dtype", "fp32")
+    assert row["layout"]["zero"] is True and row["layout"]["world_size"] == 8
+    cfg, seq_len = load_model_config("tiny")
+    expected = memory_per_gpu(cfg, Layout(pp=2, ep=2, dp=2, schedule="dualpipev", micro_batch=2, precision="fp8",
+                                          seq_len=seq_len, fused_head_loss=True, param_dtype=row["layout"]["param_dtype"]))
+    assert row["memory_breakdown"] == pytest.approx(expected["memory_breakdown"])
+    assert row["memory_gib_per_gpu"] == pytest.approx(sum(row["memory_breakdown"].values()))
+    assert planner_main(["tiny"]) == 0
+    assert _json_lines(capsys.readouterr().out)[0]["layout"]["zero"] is False  # one GPU: nothing to shard
+
+
+def test_summary_rejects_impossible_layouts(capsys):
+    assert planner_main(["tiny", "parallel.ep=3"]) == 2
+    assert "parallel.ep" in capsys.readouterr().err
+    assert planner_main(["tiny", "parallel.tp=2"]) == 2
+    assert "parallel.tp" in capsys.readouterr().err
+    assert planner_main(["tiny", "--fit", "8"]) == 2
+    assert "--gpu-mem" in capsys.readouterr().err
+
+
+def test_the_reports_layout_fits_an_80_gb_gpu(capsys):
+    """Acceptance: v3_671b at pp=16 DualPipeV x ep=64 x dp=2, fp8, 4096-token micro-batches needs at
+    most 64 GiB per GPU, and `--fit 2048 --gpu-mem 80` lists that layout."""
+    assert planner_main(["v3_671b", *REPORT_LAYOUT]) == 0
+    [row] = _json_lines(capsys.readouterr().out)
+    assert row["memory_gib_per_gpu"] <= 64, row["memory_breakdown"]
+    assert planner_main(["v3_671b", "precision=fp8", "train.seq_len=4096", "--fit", "2048", "--gpu-mem", "80"]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    want = {"pp": 16, "ep": 64, "dp": 2, "schedule": "dualpipev", "micro_batch": 1}
+    found = [r for r in rows if all(r["layout"][k] == v for k, v in want.items())]
+    assert len(found) == 1 and found[0]["memory_gib_per_gpu"] == pytest.approx(row["memory_gib_per_gpu"])
+
+
+def test_fit_lists_only_layouts_that_fit_best_first(capsys):
+    assert planner_main(["tiny", "precision=fp8", "train.seq_len=512", "--fit", "4", "--gpu-mem", "4.08",
+                         "--margin", "4"]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert rows and all(r["memory_gib_per_gpu"] <= 0.08 and r["layout"]["world_size"] == 4 for r in rows)
+    keys = [(round(r["bubble_fraction"], 2), r["comm_gib_per_gpu_per_step"]) for r in rows]
+    assert keys == sorted(keys)
+    assert {r["layout"]["pp"] for r in rows} >= {1, 2}
+    assert all(r["bubble_fraction"] == 0 for r in rows if r["layout"]["pp"] == 1)
+    assert any(r["memory_gib_per_gpu"] > 0.08 for r in _fit_all(capsys))  # some layouts were left out
+    assert planner_main(["tiny", "--fit", "4", "--gpu-mem", "4.001", "--margin", "4"]) == 1
+    assert "no layout" in capsys.readouterr().err
+
+
+def _fit_all(capsys):
+    assert planner_main(["tiny", "precision=fp8", "train.seq_len=512", "--fit", "4", "--gpu-mem", "100"]) == 0
+    return _json_lines(capsys.readouterr().out)
+
+
+def test_model_imports_nothing_from_parallel_training_or_data():
+    """The layering rule: no module of model/ imports parallel/, training/ or data/; the one exception
+    is model.summary's command-line entry point (`if __name__ == "__main__"`), which hands over to
+    parallel/summary.py, the command that composes both."""
+    import ast
+    bad = []
+    for path in sorted((ROOT / "model").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if (isinstance(node, ast.If) and path.name == "summary.py"
+                    and ast.unparse(node.test) == "__name__ == '__main__'"):
+                continue
+            for sub in ast.walk(node):
+                names = ([a.name for a in sub.names] if isinstance(sub, ast.Import)
+                         else [sub.module or ""] if isinstance(sub, ast.ImportFrom) and not sub.level else [])
+                bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("parallel", "training", "data")]
+    assert not bad

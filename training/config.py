@@ -72,7 +72,8 @@ class ParallelConfig:
     gpus_per_node null: $LOCAL_WORLD_SIZE (torchrun). dispatcher null: hierarchical when the EP group
     spans several nodes, else flat (rules in parallel/mesh.py). Pipeline (pp > 1): `schedule`,
     `stages_per_rank` (null: 1 for 1f1b, 2 otherwise), `layers_per_stage` (null: even split; rules in
-    parallel/pipeline_stages.py). `zero`: ZeRO-1 optimizer-state sharding (parallel/data_parallel.py).
+    parallel/pipeline_stages.py). `zero`: ZeRO-1 optimizer-state sharding (parallel/data_parallel.py);
+    null: on when more than one rank splits the batch (dp x ep > 1), as DeepSeek-V3 trains (section 3.2).
     `timeout_s`: a collective that waits longer (a rank died or hangs) fails with an error.
     """
     pp: int = 1
@@ -83,7 +84,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     stages_per_rank: Optional[int] = None
     layers_per_stage: Optional[List[int]] = None
-    zero: bool = False
+    zero: Optional[bool] = None
     timeout_s: float = 600.0
 
 

@@ -4,7 +4,8 @@
 repository root; torchrun ranks share one build) a tokenizer with the model's vocabulary size and
 train/val shards; `data=shards`
 takes `data.train_dir`, `data.val_dir` and `data.tokenizer` (relative to the working directory).
-The tokenizer's vocabulary must equal `model.vocab_size`. Before training starts, both shard
+The tokenizer's vocabulary must equal `model.vocab_size`, and `data.fim_rate > 0` needs its FIM
+tokens (nothing is appended to a tokenizer). Before training starts, both shard
 directories must hold documents, have been prepared with this tokenizer (its fingerprint) and hold
 only ids of its vocabulary, and the validation split must fill `eval.batches` batches; each failure
 is a ConfigError naming the directory. Training batches are the packed stream of
@@ -49,6 +50,10 @@ def prepare_inputs(cfg: DictConfig, mcfg: ModelConfig) -> Inputs:
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise ConfigError(f"model.vocab_size ({mcfg.vocab_size}) differs from the vocabulary of {where} "
                           f"({tokenizer.vocab_size}); set model.vocab_size={tokenizer.vocab_size}")
+    if d.fim_rate > 0 and not tokenizer.has_fim():
+        names = [tokenizer.names[r] for r in ("fim_begin", "fim_hole", "fim_end")]
+        raise ConfigError(f"data.fim_rate={d.fim_rate} needs the FIM tokens {names}, which the tokenizer of "
+                          f"{where} lacks (nothing is appended to a tokenizer); set data.fim_rate=0")
     check_data(cfg, train_dir, val_dir, tokenizer)
     return Inputs(train_dir=train_dir, val_dir=val_dir, tokenizer=tokenizer)
 

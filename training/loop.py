@@ -134,13 +134,19 @@ def expert_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig,
     return ExpertParallel(model, layout, fp8=cfg.precision.name == "fp8")
 
 
+def zero_enabled(cfg: DictConfig, dp: int) -> bool:
+    """`parallel.zero`, or when null whether `dp` (the ranks that split the batch, dp x ep) exceeds 1."""
+    return bool(cfg.parallel.zero) if cfg.parallel.zero is not None else dp > 1
+
+
 def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, device: torch.device,
                       ep: Optional[ExpertParallel], make_optimizer: Callable, dp: int):
     """Pipeline stages and/or ZeRO-1 and master weights (parallel/pipeline_training.py); None when pp = 1
     without ZeRO, with fp32 parameters and no offload."""
     par, t = cfg.parallel, cfg.train
     offload = cfg.optim.offload == "cpu"
-    if par.pp == 1 and not par.zero and not offload and cfg.precision.param_dtype == "fp32":
+    zero = zero_enabled(cfg, dp)
+    if par.pp == 1 and not zero and not offload and cfg.precision.param_dtype == "fp32":
         return None
     from parallel.pipeline_training import PipelineParallel
 
@@ -152,7 +158,7 @@ def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, de
     return PipelineParallel(model, layout, micro_batch=micro, seq_len=t.seq_len,
                             n_microbatches=t.global_batch // (micro * dp), make_optimizer=make_optimizer,
                             schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
-                            zero=par.zero, offload=offload)
+                            zero=zero, offload=offload)
 
 
 class Trainer:
