@@ -208,3 +208,42 @@ def test_head_logprobs_equal_full_logits_chunk_by_chunk():
         logprob, greedy = head_logprobs(h, w, labels, chunk_tokens=chunk)
         torch.testing.assert_close(logprob.double(), ref.gather(1, labels[:, None]).squeeze(1), rtol=0, atol=1e-5)
         assert torch.equal(greedy, ref.argmax(dim=1) == labels) and greedy[:5].all()
+
+
+def test_validation_and_evaluation_build_no_full_logits(monkeypatch):
+    """Scoring (validation's token NLL, continuation and window scoring, lm_loss without gradient)
+    never makes a tensor of [B, S, V] logits: no tensor with the vocabulary as its last dimension is
+    larger than one chunk of the head."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from eval.bpb import windows_nll
+    from eval.scoring import score_continuations, token_nll
+
+    class LargestLogits(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if (torch.is_tensor(t) and t.ndim and t.shape[-1] == vocab
+                        and t.untyped_storage().data_ptr() not in weights):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    chunk = 8
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", chunk * 4096)
+    torch.manual_seed(0)
+    from model.summary import load_model_config
+    model = Transformer(load_model_config("tiny", ["num_hidden_layers=2"])[0]).eval()
+    vocab = model.cfg.vocab_size
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tokens = torch.randint(0, vocab, (4, 33))
+    calls = [lambda: token_nll(model, tokens),
+             lambda: score_continuations(model, [(list(range(1, 20)), list(range(20, 30)))] * 4, 32),
+             lambda: windows_nll(model, [(list(range(1, 33)), 16)] * 4),
+             lambda: torch.no_grad()(lm_loss)(model, tokens)]
+    for call in calls:
+        with LargestLogits() as mode:
+            call()
+        assert 0 < mode.largest <= chunk * vocab

@@ -215,7 +215,7 @@ def test_estimated_state_bytes_equal_what_the_trainer_holds(corpus, model_name, 
         return step(*args, **kwargs)
 
     trainer.optimizer.step = counting_step
-    trainer._step()
+    trainer.step()
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.model.parameters()}
     state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for s in trainer.optimizer.state.values()
              for t in s.values() if torch.is_tensor(t)}
