@@ -3,7 +3,8 @@
 DeepSeek-V3 section 3.2 chose its layout (16-way DualPipe PP x 64-way EP x ZeRO-1 DP on 2048 H800s)
 for memory, pipeline bubble and communication. `fit_layouts` tries every pp (dividing the GPU count
 and leaving every stage a layer), ep (dividing the GPU count / pp and the routed experts), the
-dp this leaves, every schedule (pp > 1) and micro-batch size (1, 2, 4), always with ZeRO-1, with
+dp this leaves, every schedule (pp > 1), micro-batch size (1, 2, 4) and `optim.offload` (none, or
+cpu with fp32 moments, as DeepSpeed's CPU Adam needs), always with ZeRO-1, with
 the other settings (precision, parameter dtype, sequence length, global batch) of the base layout.
 A layout fits when parallel/memory.py's estimate is at most the GPU memory minus a margin for what
 the estimate leaves out (CUDA context, communication buffers, fragmentation).
@@ -15,18 +16,20 @@ rounded to 1%, then the bytes each GPU sends per step:
   else bf16) and combine (bf16), forward and backward, the (ep - 1) / ep that leave the rank;
 - pipeline: the bf16 hidden state, forward and backward, per stage boundary the rank sends across;
 - ZeRO-1: reduce-scatter of the fp32 gradients and all-gather of the parameters,
-  (N - 1) / N of each over the N ranks sharing them (dense: dp x ep, experts: dp).
+  (N - 1) / N of each over the N ranks sharing them (dense: dp x ep, experts: dp);
+- offload: the shard's fp32 gradient to the host and its fp32 master weight back.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from functools import lru_cache
 from typing import Dict, List, Optional
 
 from model.config import ModelConfig
 from model.memory import PARAM_DTYPES
 
-from .memory import GRAD_BYTES, Layout, holds_stage, memory_per_gpu, pipeline_stages, rank_param_counts
+from .memory import OFFLOADS, Layout, holds_stage, memory_per_gpu, pipeline_stages, rank_param_counts
 from .pipeline_schedules import SCHEDULE_CLASSES, schedule_actions, simulate
 from .pipeline_stages import DEFAULT_STAGES_PER_RANK
 
@@ -69,11 +72,14 @@ def comm_bytes_per_gpu(cfg: ModelConfig, layout: Layout, n_microbatches: int) ->
     boundaries = len(stages) if layout.pp > 1 else 0
     pp = 2 * boundaries * tokens * D * 2
     counts = rank_param_counts(cfg, layout)[rank]
-    per_param = GRAD_BYTES + PARAM_DTYPES[layout.param_dtype]
+    per_param = 4 + PARAM_DTYPES[layout.param_dtype]  # fp32 gradients out, parameters back
     dense_n, expert_n = layout.dp * layout.ep, layout.dp
     zero = (counts["dense"] * per_param * (dense_n - 1) / dense_n
             + counts["experts"] * per_param * (expert_n - 1) / expert_n)
-    return ep + pp + zero
+    host = 0.0
+    if layout.offload == "cpu":  # the shard's fp32 gradient to the host, its fp32 master back
+        host = (counts["dense"] / dense_n + counts["experts"] / expert_n) * 8
+    return ep + pp + zero + host
 
 
 def fit_layouts(cfg: ModelConfig, base: Layout, gpus: int, gpu_mem_gib: float, margin_gib: float) -> List[Dict]:
@@ -87,12 +93,14 @@ def fit_layouts(cfg: ModelConfig, base: Layout, gpus: int, gpu_mem_gib: float, m
         for ep in (e for e in _divisors(gpus // pp) if cfg.n_routed_experts % e == 0 or cfg.n_routed_experts == 0):
             dp = gpus // (pp * ep)
             for schedule in (SCHEDULE_CLASSES if pp > 1 else ("1f1b",)):
-                for micro in MICRO_BATCHES:
+                for micro, offload in itertools.product(MICRO_BATCHES, OFFLOADS):
                     if seqs % (dp * ep * micro):
                         continue
+                    moments = "fp32" if offload == "cpu" else base.moments_dtype  # DeepSpeed's CPU Adam
                     layout = dataclasses.replace(base, pp=pp, ep=ep, dp=dp, schedule=schedule, micro_batch=micro,
                                                  stages_per_rank=None if pp == 1 else DEFAULT_STAGES_PER_RANK[schedule],
-                                                 layers_per_stage=None, zero=True, global_batch=seqs)
+                                                 layers_per_stage=None, zero=True, global_batch=seqs, offload=offload,
+                                                 moments_dtype=moments)
                     try:
                         memory = memory_per_gpu(cfg, layout)
                     except ValueError:

@@ -14,17 +14,22 @@ parameters (attention, dense MLPs, shared experts, routers, norms, embedding, he
 without their routed experts) are replicated over the dp x ep ranks of a stage; routed experts are
 split over ep (E / ep per rank) and replicated over dp.
 
-Bytes per parameter held by a rank (training/optim.py, parallel/data_parallel.py):
+Bytes per parameter held by a rank (training/optim.py, parallel/data_parallel.py, kernels/weights.py):
 - params: the parameters themselves in `precision.param_dtype` (4 B fp32, 2 B bf16); ZeRO-1
   all-gathers the updated parameters, so every rank holds all the weights of its stage.
-- weight_copies: precision=bf16 with fp32 parameters: autocast's bf16 copy of every GEMM weight
-  (2 B; one copy per step, the pipeline step runs under one autocast context), embedding and router
-  excluded (a lookup and an fp32 GEMM). Under fp8 the FP8 GEMMs quantize from the parameters per
-  call and the head casts per chunk: transient, not counted. 0 under fp32 or bf16 parameters.
-- grads: 4 B, fp32 gradients whole on every rank (reduce-scattered only at the step).
-- optimizer: AdamW moments, 2 + 2 B (optim.moments_dtype=bf16) or 4 + 4 B, plus the 4 B fp32 master
-  weight when the parameters are bf16. With parallel.zero (ZeRO-1) dense state is sharded over
-  dp x ep and routed-expert state over dp.
+- weight_copies: under fp8, the FP8 weight and its transposed copy (2 B + 128x128-block scales) of
+  every weight the FP8 kernels run (kernels/weights.py keeps them from one optimizer step to the
+  next; the head, router, embedding and norms are not FP8). precision=bf16 with fp32 parameters:
+  autocast's bf16 copy of every GEMM weight (2 B; one per step, the pipeline step runs under one
+  autocast context; embedding and router excluded, a lookup and an fp32 GEMM). The fused head
+  loss casts the head per call: transient, not counted.
+- grads: 4 B, fp32 until the step, whole on every rank (the `.grad` of fp32 parameters, the fp32
+  accumulation buffer of bf16 ones), + 2 B for the bf16 `.grad` the zero-bubble schedules (zbv,
+  dualpipev) keep per bf16 parameter.
+- optimizer: `parallel.data_parallel.state_bytes_per_element`: AdamW moments (2 + 2 B with
+  optim.moments_dtype=bf16, 4 + 4 B fp32), plus the 4 B fp32 master weight when the parameters are
+  bf16; with ZeRO-1 dense state sharded over dp x ep and routed-expert state over dp. With
+  `optim.offload=cpu` it lives in host memory (`host_memory_gib_per_gpu`, not in the GPU total).
 
 Activations (model/memory.py: bytes per token and layer, head and MTP included): a rank holds, at
 its peak, the activations of the (stage, micro-batch) pairs whose forward has run and whose
@@ -52,11 +57,13 @@ from model.flops import attention_params, block_params, expert_params, mtp_modul
 from model.memory import (GIB, PARAM_DTYPES, PRECISIONS, activation_bytes_per_token, head_bytes_per_token,
                           mtp_projection_bytes_per_token)
 
+from .data_parallel import MOMENT_BYTES, state_bytes_per_element
 from .pipeline_schedules import _leaves, check_microbatches, schedule_actions
 from .pipeline_stages import V_SHAPED, check_schedule, rank_stages, split_layers
 
-MOMENT_BYTES = {"bf16": 2, "fp32": 4}
-GRAD_BYTES = 4
+FP8_WEIGHT_BYTES = 2 + 8 / (128 * 128)
+"""kernels/weights.py: an FP8 weight and its transposed copy, with fp32 scales per 128x128 block."""
+OFFLOADS = ("none", "cpu")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Layout:
     precision: str = "bf16"
     param_dtype: str = "fp32"
     moments_dtype: str = "bf16"
+    offload: str = "none"
     fused_head_loss: bool = False
 
     @property
@@ -117,6 +125,8 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
             raise ValueError(f"{prefix}.{key} must be true or false, got {getattr(layout, key)!r}")
     if layout.moments_dtype not in MOMENT_BYTES:
         raise ValueError(f"optim.moments_dtype must be one of {sorted(MOMENT_BYTES)}, got {layout.moments_dtype!r}")
+    if layout.offload not in OFFLOADS:
+        raise ValueError(f"optim.offload must be one of {OFFLOADS}, got {layout.offload!r}")
     n = layout.n_microbatches()
     if n is not None:
         if n < 1 or layout.global_batch % (layout.dp * layout.ep * layout.micro_batch):
@@ -157,7 +167,8 @@ def rank_param_counts(cfg: ModelConfig, layout: Layout) -> List[Dict[str, int]]:
     """Per pipeline rank: {"dense": parameters replicated over dp x ep, "experts": this EP rank's
     routed-expert parameters (E / ep of every MoE layer it holds, MTP blocks included), "gemm": those
     of both that are GEMM weights under autocast (embedding, router and norms excluded, the head too
-    when the fused head loss casts it per chunk)}."""
+    when the fused head loss casts it per chunk), "fp8_gemm": the GEMM weights the FP8 recipe runs
+    in FP8 (all but the head)}."""
     check_layout(cfg, layout)
     D, V = cfg.hidden_size, cfg.vocab_size
     out = []
@@ -167,6 +178,7 @@ def rank_param_counts(cfg: ModelConfig, layout: Layout) -> List[Dict[str, int]]:
         routed = sum(_routed(cfg, i) for i in ids)
         non_gemm = sum(_non_gemm(cfg, i) for i in ids)
         holds = holds_stage(layout, rank)
+        head = 0
         if holds["first"]:
             dense += V * D
             non_gemm += V * D
@@ -180,7 +192,9 @@ def rank_param_counts(cfg: ModelConfig, layout: Layout) -> List[Dict[str, int]]:
                 routed += _routed(cfg, idx)
                 non_gemm += 3 * D + _non_gemm(cfg, idx)
         experts = routed // layout.ep
-        out.append({"dense": dense, "experts": experts, "gemm": dense + experts - non_gemm})
+        head_gemm = head if holds["last"] and not layout.fused_head_loss else 0
+        out.append({"dense": dense, "experts": experts, "gemm": dense + experts - non_gemm,
+                    "fp8_gemm": dense + experts - non_gemm - head_gemm})
     return out
 
 
@@ -233,31 +247,45 @@ def rank_activation_bytes(cfg: ModelConfig, layout: Layout) -> List[float]:
 
 
 def rank_memory(cfg: ModelConfig, layout: Layout) -> List[Dict[str, float]]:
-    """Per pipeline rank: {params_gib, weight_copies_gib, grads_gib, optimizer_gib, activations_gib}."""
+    """Per pipeline rank: {params_gib, weight_copies_gib, grads_gib, optimizer_gib, activations_gib,
+    host_gib (the optimizer state `optim.offload=cpu` keeps in host memory)}."""
     counts = rank_param_counts(cfg, layout)
     acts = rank_activation_bytes(cfg, layout)
     param_bytes = PARAM_DTYPES[layout.param_dtype]
-    copy_bytes = 2 if layout.precision == "bf16" and layout.param_dtype == "fp32" else 0
-    state_bytes = 2 * MOMENT_BYTES[layout.moments_dtype] + (4 if layout.param_dtype != "fp32" else 0)
+    state = state_bytes_per_element(layout.param_dtype, layout.moments_dtype, layout.offload == "cpu")
     dense_shards = layout.dp * layout.ep if layout.zero else 1
     expert_shards = layout.dp if layout.zero else 1
     rows = []
     for c, act in zip(counts, acts):
         n = c["dense"] + c["experts"]
-        rows.append({"params_gib": n * param_bytes / GIB, "weight_copies_gib": c["gemm"] * copy_bytes / GIB,
-                     "grads_gib": n * GRAD_BYTES / GIB,
-                     "optimizer_gib": (c["dense"] / dense_shards + c["experts"] / expert_shards) * state_bytes / GIB,
-                     "activations_gib": act / GIB})
+        if layout.precision == "fp8":
+            copies = c["fp8_gemm"] * FP8_WEIGHT_BYTES
+        else:
+            copies = c["gemm"] * 2 if layout.precision == "bf16" and layout.param_dtype == "fp32" else 0
+        shard = c["dense"] / dense_shards + c["experts"] / expert_shards
+        rows.append({"params_gib": n * param_bytes / GIB, "weight_copies_gib": copies / GIB,
+                     "grads_gib": n * grad_bytes(layout) / GIB, "optimizer_gib": shard * state["device"] / GIB,
+                     "activations_gib": act / GIB, "host_gib": shard * state["host"] / GIB})
     return rows
+
+
+def grad_bytes(layout: Layout) -> int:
+    """Bytes per parameter element of the gradients held until the step: fp32 (the `.grad` of fp32
+    parameters, the accumulation buffer of bf16 ones), plus the bf16 `.grad` that the zero-bubble
+    schedules keep per bf16 parameter (parallel/data_parallel.py)."""
+    zero_bubble = layout.pp > 1 and layout.schedule in V_SHAPED
+    return 4 + (2 if layout.param_dtype == "bf16" and zero_bubble else 0)
 
 
 def memory_per_gpu(cfg: ModelConfig, layout: Layout) -> Dict[str, object]:
     """{"memory_gib_per_gpu", "memory_breakdown": {params_gib, weight_copies_gib, grads_gib,
-    optimizer_gib, activations_gib}, "layout": the layout echoed with world_size and the peak
-    pipeline rank}."""
+    optimizer_gib, activations_gib}, "host_memory_gib_per_gpu" (optimizer state offloaded to the
+    host), "layout": the layout echoed with world_size and the peak pipeline rank}."""
     rows = rank_memory(cfg, layout)
+    host = [row.pop("host_gib") for row in rows]
     peak = max(range(len(rows)), key=lambda r: sum(rows[r].values()))
     echoed = {**asdict(layout), "world_size": layout.world_size, "peak_pp_rank": peak}
     if echoed["layers_per_stage"] is not None:
         echoed["layers_per_stage"] = list(echoed["layers_per_stage"])
-    return {"memory_gib_per_gpu": sum(rows[peak].values()), "memory_breakdown": rows[peak], "layout": echoed}
+    return {"memory_gib_per_gpu": sum(rows[peak].values()), "memory_breakdown": rows[peak],
+            "host_memory_gib_per_gpu": host[peak], "layout": echoed}

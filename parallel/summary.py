@@ -4,7 +4,8 @@ The command composes the model's own figures (model/summary.py: total_params, ac
 mtp_params, embedding_params, flops_per_token at `train.seq_len`, default 4096, with the parameter
 formulas checked against a meta-device model) with the memory per GPU of a training layout
 (parallel/memory.py, formula and assumptions there): memory_gib_per_gpu, memory_breakdown
-{params_gib, weight_copies_gib, grads_gib, optimizer_gib, activations_gib} and the layout echoed.
+{params_gib, weight_copies_gib, grads_gib, optimizer_gib, activations_gib},
+host_memory_gib_per_gpu (optimizer state offloaded to the host) and the layout echoed.
 It prints one JSON line. It lives here, beside the layouts, because model/ knows no parallelism;
 model/summary.py's command-line entry point only hands over to `main`.
 
@@ -12,7 +13,7 @@ Overrides: `hidden_size=512` or `model.hidden_size=512` change the model config,
 `train.seq_len=8192` the sequence length; the layout: `parallel.pp= parallel.dp= parallel.ep=
 parallel.schedule= parallel.stages_per_rank= parallel.layers_per_stage=[..] parallel.zero=
 train.micro_batch= train.global_batch= precision=bf16|fp8|fp32 precision.fused_head_loss=
-precision.param_dtype=fp32|bf16 optim.moments_dtype=bf16|fp32`. Whatever is not given is what
+precision.param_dtype=fp32|bf16 optim.moments_dtype=bf16|fp32 optim.offload=none|cpu`. Whatever is not given is what
 training would use: `precision` bf16 (configs/train.yaml) and the keys of configs/precision/<name>.yaml,
 configs/parallel/default.yaml (`parallel.zero` null: on when dp x ep > 1) and configs/optim/adamw.yaml;
 `train.micro_batch` 1 and pp = dp = ep = 1; `train.global_batch` unset: the pipeline runs enough
@@ -41,7 +42,8 @@ LAYOUT_KEYS = {"parallel.pp": "pp", "parallel.dp": "dp", "parallel.ep": "ep", "p
                "parallel.stages_per_rank": "stages_per_rank", "parallel.layers_per_stage": "layers_per_stage",
                "parallel.zero": "zero", "train.micro_batch": "micro_batch", "train.global_batch": "global_batch",
                "precision": "precision", "precision.fused_head_loss": "fused_head_loss",
-               "precision.param_dtype": "param_dtype", "optim.moments_dtype": "moments_dtype"}
+               "precision.param_dtype": "param_dtype", "optim.moments_dtype": "moments_dtype",
+               "optim.offload": "offload"}
 DEFAULT_MARGIN_GIB = 4.0
 
 
@@ -74,6 +76,7 @@ def training_defaults(fields: Dict[str, object]) -> Dict[str, object]:
     out.setdefault("fused_head_loss", bool(precision.get("fused_head_loss", False)))
     out.setdefault("param_dtype", precision.get("param_dtype", "fp32"))
     out.setdefault("moments_dtype", optim.get("moments_dtype", "bf16"))
+    out.setdefault("offload", optim.get("offload", "none"))
     for key in ("schedule", "stages_per_rank", "layers_per_stage", "zero"):
         if key not in out and parallel.get(key) is not None:
             out[key] = parallel[key]

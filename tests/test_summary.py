@@ -167,7 +167,7 @@ def test_the_reports_layout_fits_an_80_gb_gpu(capsys):
     assert row["memory_gib_per_gpu"] <= 64, row["memory_breakdown"]
     assert planner_main(["v3_671b", "precision=fp8", "train.seq_len=4096", "--fit", "2048", "--gpu-mem", "80"]) == 0
     rows = _json_lines(capsys.readouterr().out)
-    want = {"pp": 16, "ep": 64, "dp": 2, "schedule": "dualpipev", "micro_batch": 1}
+    want = {"pp": 16, "ep": 64, "dp": 2, "schedule": "dualpipev", "micro_batch": 1, "offload": "none"}
     found = [r for r in rows if all(r["layout"][k] == v for k, v in want.items())]
     assert len(found) == 1 and found[0]["memory_gib_per_gpu"] == pytest.approx(row["memory_gib_per_gpu"])
 
