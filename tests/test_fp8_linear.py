@@ -158,26 +158,24 @@ def test_fp8_swiglu_experts_follow_the_recipe():
     assert not leaves[1].grad[1].any(), "an expert without tokens gets no gradient"
 
 
-def test_fp8_swiglu_with_gate_and_up_apart_equals_stacked_and_keeps_no_stack():
-    """A dense SwiGLU passes gate and up weights apart: same output and gradients as the stacked
-    weight, bit for bit, and nothing of the stack's size is kept for backward."""
+def test_fp8_swiglu_weight_built_from_sources_is_not_kept():
+    """A dense SwiGLU stacks its gate and up weights per call and names them as the stack's sources:
+    same output and gradients as a stacked parameter, bit for bit, and the stack is not among the
+    tensors kept for backward (backward builds it again from the sources when it needs it)."""
     counts = [40]
     x, ws, dy = make_experts(counts, D=256, I=256)
     runs = []
-    for apart in (False, True):
+    for built in (False, True):
         leaves = [t.clone().requires_grad_() for t in [x] + ws]
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            if apart:
-                y = fp8_swiglu_experts(leaves[0], leaves[1], leaves[3], counts, True, w_up=leaves[2])
-            else:
-                y = fp8_experts(*leaves, counts)
+            stack = torch.cat(leaves[1:3], dim=1)
+            sources = ((leaves[1][0], leaves[2][0]), None) if built else (None, None)
+            y = fp8_swiglu_experts(leaves[0], stack, leaves[3], counts, True, weight_sources=sources)
         y.backward(dy)
         runs.append([y] + [t.grad for t in leaves])
-        if apart:
-            weights = {t.untyped_storage().data_ptr() for t in leaves[1:]}
-            assert not [t.shape for t in saved if t.dtype == torch.float32 and t.numel() >= ws[0].numel()
-                        and t.untyped_storage().data_ptr() not in weights]
+        kept = [t for t in saved if t.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()]
+        assert bool(kept) != built
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
