@@ -103,7 +103,7 @@ def _expert_load(records: Sequence[dict]) -> Figure:
                               cmap="RdBu_r", norm=norm, shading="flat")
         ax.set_ylabel(f"layer {layer}\nexpert")
     axes[-1, 0].set_xlabel("step")
-    axes[0, 0].set_title("expert load / layer mean (1 = balanced)")
+    axes[0, 0].set_title("expert load / layer mean (1 = balanced); MoE layers in model order, MTP last")
     fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.9)
     return fig
 
