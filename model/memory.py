@@ -27,8 +27,9 @@ SwiGLU inputs in FP8, the SwiGLU output is recomputed:
                  + n_shared (D + 2 I_moe) (f + s)   shared experts
 
 Without the recipe (precision=bf16/fp32) the model recomputes nothing: the formula is then a lower
-bound. An MTP module adds 2 D r for its enorm/hnorm inputs and 2 D (f + s) for eh_proj's input to
-its block. The head keeps, per token and prediction, 6 V B (bf16 logits and their fp32 copy for the
+bound. An MTP module's block has an r = h residual stream (it starts at eh_proj's output, in the
+autocast dtype); the module adds 2 D r for its enorm/hnorm inputs and 2 D (f + s) for eh_proj's
+input. The head keeps, per token and prediction, 6 V B (bf16 logits and their fp32 copy for the
 cross-entropy), or with `fused_head_loss` (model/head_loss.py) only its input and the label, D h + 8.
 """
 from __future__ import annotations
@@ -56,6 +57,8 @@ def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, precision: str,
     """Bytes kept for backward per token by block `layer_idx` (formula in the module docstring)."""
     b = element_bytes(precision, param_dtype)
     r, f, e = b["r"], b["f"], b["e"]
+    if layer_idx >= cfg.num_hidden_layers:  # an MTP block: its stream starts at eh_proj's output
+        r = b["h"]
     D = cfg.hidden_size
     attn = D * r + cfg.num_attention_heads * cfg.v_head_dim * e + 4
     if not cfg.is_moe_layer(layer_idx):

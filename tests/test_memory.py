@@ -176,7 +176,7 @@ def test_fp8_activation_formula_matches_saved_tensors(param_dtype):
     measured = per_token(model, seq_len=64)["blocks"]
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     formula = sum(activation_bytes_per_token(cfg, i, "fp8", param_dtype) for i in range(layers))
-    assert abs(formula / measured - 1) < 0.05, (formula, measured)
+    assert abs(formula / measured - 1) < 0.02, (formula, measured)  # measured: 0.1%
 
 
 @pytest.fixture(scope="module")
