@@ -2,12 +2,16 @@
 
 DeepSeek-V3 report, section 3.3 (FP8 training): activations are scaled per 1x128 tile (per token, per
 128 channels) in the forward pass and per 128x1 tile (per 128 tokens of a channel) for the weight
-gradient; weights per 128x128 block. scale = max(amax, 1e-4) / 448 (E4M3's largest value), optionally
-rounded up to a power of 2; x_fp8 = round_to_nearest_even(x / scale). `fp8_gemm` multiplies FP8
-operands and promotes the fp32 partial sum of every 128-wide block of K to the fp32 accumulator,
-applying both operands' scales there; the grouped (expert) GEMMs apply the scales to the operands
-and accumulate in fp32, which is the same product up to fp32 rounding. The input of the linear after attention is cached in E5M6 (section 3.3.2),
-emulated here as 12-bit codes packed two per three bytes with power-of-2 scales.
+gradient; weights per 128x128 block. scale = max(amax / 448, 2^-126) (448: E4M3's largest value;
+2^-126: the smallest normal fp32, so that an all-zero tile still has a finite, normal scale), optionally
+rounded up to a power of 2; x_fp8 = round_to_nearest_even(x / scale). The floor sits on the scale, not on
+amax: in a training step of the tiny model nearly every tile of the gradients entering the FP8 GEMMs has
+amax < 1e-4 (down to 1e-13), and an amax floor such as 1e-4 put such tiles on E4M3's few subnormal codes
+or to zero. `fp8_gemm` multiplies FP8 operands and promotes the fp32 partial sum of every 128-wide block
+of K to the fp32 accumulator, applying both operands' scales there; the grouped (expert) GEMMs apply the
+scales to the operands and accumulate in fp32, which is the same product up to fp32 rounding. The input
+of the linear after attention is cached in E5M6 (section 3.3.2), emulated here as 12-bit codes packed
+two per three bytes with power-of-2 scales.
 
 Layouts: a "1x128" scale of x [..., M, K] is [..., M, ceil(K/128)]; a "128x128" scale is
 [..., ceil(M/128), ceil(K/128)]. `quantize_128x1` returns the *transposed* data [K, M] with a 1x128
@@ -29,7 +33,7 @@ BLOCK = 128
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 E5M6_MAX = 65024.0  # (2 - 2**-6) * 2**15
-AMAX_FLOOR = 1e-4
+SCALE_FLOOR = 2.0 ** -126
 
 
 def cdiv(a: int, b: int) -> int:
@@ -44,8 +48,8 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 
 def compute_scale(amax: torch.Tensor, pow2: bool = False, fmt_max: float = E4M3_MAX) -> torch.Tensor:
-    """scale = max(amax, 1e-4) / fmt_max in fp32, rounded up to a power of 2 when `pow2`."""
-    scale = amax.float().clamp_min(AMAX_FLOOR) / fmt_max
+    """scale = max(amax / fmt_max, 2^-126) in fp32, rounded up to a power of 2 when `pow2`."""
+    scale = (amax.float() / fmt_max).clamp_min(SCALE_FLOOR)
     return round_up_pow2(scale) if pow2 else scale
 
 

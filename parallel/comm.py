@@ -6,7 +6,7 @@ in `parallel/dispatch.py` goes through `all_to_all_rows`: one `all_to_all_single
 sizes over the EP group (gloo and NCCL both accept zero-size splits, so a hop that only talks to some
 peers sends nothing to the others).
 
-FP8 payload: each row is quantized per 1x128 tile to e4m3 with an fp32 scale (max(amax, 1e-4)/448,
+FP8 payload: each row is quantized per 1x128 tile to e4m3 with an fp32 scale (max(amax/448, 2^-126),
 section 3.3.2; `kernels.fp8.quantize_1x128` defines the numerics) and travels as *one* uint8 row: the
 e4m3 bytes followed by the bytes of its scales. gloo has no fp8 dtype, so uint8 views carry it.
 """

@@ -36,6 +36,13 @@ def _sample(shape, spread=3.0):
     return x.to(DEVICE)
 
 
+def _small(shape):
+    """Gradient-sized values (tiles with amax from 1e-6 down to 1e-30) and an all-zero row."""
+    x = torch.randn(shape) * torch.pow(10.0, torch.empty(shape[0], 1).uniform_(-30, -6))
+    x[0] = 0.0
+    return x.to(DEVICE)
+
+
 def _close_fp32(out, ref, a, b, what):
     """|out - ref| within twice the fp32 accumulation bound of the dequantized operands."""
     bound = (a.abs().double() @ b.abs().double().t()) * 2 * (a.shape[1] + 4) * 2.0 ** -24
@@ -52,6 +59,10 @@ def check_quantize_1x128():
                 _same_bits(got, want, f"1x128 {name} {shape} pow2={pow2}")
     xb = _sample((64, 256)).bfloat16()
     _same_bits(tk.quantize_1x128(xb)[0], fp8.quantize_1x128(xb)[0], "1x128 from bf16")
+    tiny = _small((70, 300))
+    for pow2 in (False, True):
+        for got, want, name in zip(tk.quantize_1x128(tiny, pow2), fp8.quantize_1x128(tiny, pow2), ("data", "scale")):
+            _same_bits(got, want, f"1x128 {name} of gradient-sized values pow2={pow2}")
 
 
 def check_quantize_128x128():
@@ -74,6 +85,9 @@ def check_quantize_128x1():
                 want = fp8.quantize_128x1(src, pow2, x_scale=scale, counts=counts)
                 for g, w, name in zip(got, want, ("data", "scale")):
                     _same_bits(g, w, f"128x1 {name} from {kind} counts={counts} pow2={pow2}")
+        tiny = _small((300, 200)).t().contiguous()
+        for got, want, name in zip(tk.quantize_128x1(tiny, pow2), fp8.quantize_128x1(tiny, pow2), ("data", "scale")):
+            _same_bits(got, want, f"128x1 {name} of gradient-sized values pow2={pow2}")
 
 
 def check_gemm_layouts():

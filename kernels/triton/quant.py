@@ -1,6 +1,6 @@
 """Triton FP8 quantization kernels: 1x128, 128x128 and transposed 128x1 (DeepSeek-V3 section 3.3).
 
-Same numerics as `kernels.fp8`, bit for bit: scale = div_rn(max(amax, 1e-4), 448) (power-of-2 rounding
+Same numerics as `kernels.fp8`, bit for bit: scale = max(div_rn(amax, 448), 2^-126) (power-of-2 rounding
 by integer carry), q = div_rn(x, scale) clamped to ±448, then rounded to E4M3 with integer arithmetic
 (round to nearest even, subnormals kept) instead of the hardware cast, so that the Triton interpreter
 (whose fp8 cast rounds differently) and the GPU give the same bytes as PyTorch. Outputs are written as
@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import AMAX_FLOOR, BLOCK, E4M3, E4M3_MAX, cdiv
+from ..fp8 import BLOCK, E4M3, E4M3_MAX, SCALE_FLOOR, cdiv
 from ..groups import Counts, as_counts, row_blocks
 from .launch import launch
 
-_FLOOR = tl.constexpr(AMAX_FLOOR)
+_FLOOR = tl.constexpr(SCALE_FLOOR)
 _FMAX = tl.constexpr(E4M3_MAX)
 
 
@@ -37,7 +37,7 @@ def _amax(x, AXIS: tl.constexpr):
 
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
-    s = tl.math.div_rn(tl.maximum(amax, _FLOOR, propagate_nan=tl.PropagateNan.ALL), _FMAX)
+    s = tl.maximum(tl.math.div_rn(amax, _FMAX), _FLOOR, propagate_nan=tl.PropagateNan.ALL)
     if POW2:
         bits = s.to(tl.int32, bitcast=True)
         rounded = ((bits + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
