@@ -84,7 +84,8 @@ def comm_bytes_per_gpu(cfg: ModelConfig, layout: Layout, n_microbatches: int) ->
 
 def fit_layouts(cfg: ModelConfig, base: Layout, gpus: int, gpu_mem_gib: float, margin_gib: float) -> List[Dict]:
     """Every layout of `gpus` GPUs that fits, best first (module docstring): [{"layout": {...},
-    "memory_gib_per_gpu", "bubble_fraction", "comm_gib_per_gpu_per_step"}]."""
+    "memory_gib_per_gpu", "bubble_fraction", "comm_gib_per_gpu_per_step", "host_memory_gib_per_gpu",
+    with offload "offload": {gpu_gib_saved, host_gib_per_node}}]."""
     if gpus < 1 or gpu_mem_gib <= 0:
         raise ValueError(f"--fit needs a positive GPU count and --gpu-mem, got {gpus} and {gpu_mem_gib}")
     seqs = base.global_batch or max(1, DEFAULT_GLOBAL_BATCH_TOKENS // base.seq_len)
@@ -110,6 +111,7 @@ def fit_layouts(cfg: ModelConfig, base: Layout, gpus: int, gpu_mem_gib: float, m
                     n = layout.n_microbatches()
                     rows.append({"layout": memory["layout"], "memory_gib_per_gpu": memory["memory_gib_per_gpu"],
                                  "bubble_fraction": bubble_fraction(layout, n),
-                                 "comm_gib_per_gpu_per_step": comm_bytes_per_gpu(cfg, layout, n) / 2 ** 30})
+                                 "comm_gib_per_gpu_per_step": comm_bytes_per_gpu(cfg, layout, n) / 2 ** 30,
+                                 **{k: memory[k] for k in ("host_memory_gib_per_gpu", "offload") if k in memory}})
     rows.sort(key=lambda r: (round(r["bubble_fraction"], 2), r["comm_gib_per_gpu_per_step"]))
     return rows

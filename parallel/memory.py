@@ -48,7 +48,7 @@ chunk of logits). Keep a few GiB of margin on top.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -86,6 +86,7 @@ class Layout:
     moments_dtype: str = "bf16"
     offload: str = "none"
     fused_head_loss: bool = False
+    gpus_per_node: int = 8
 
     @property
     def world_size(self) -> int:
@@ -280,12 +281,25 @@ def grad_bytes(layout: Layout) -> int:
 def memory_per_gpu(cfg: ModelConfig, layout: Layout) -> Dict[str, object]:
     """{"memory_gib_per_gpu", "memory_breakdown": {params_gib, weight_copies_gib, grads_gib,
     optimizer_gib, activations_gib}, "host_memory_gib_per_gpu" (optimizer state offloaded to the
-    host), "layout": the layout echoed with world_size and the peak pipeline rank}."""
+    host), "layout": the layout echoed with world_size and the peak pipeline rank} and, with
+    optim.offload=cpu, "offload": `offload_summary`."""
     rows = rank_memory(cfg, layout)
     host = [row.pop("host_gib") for row in rows]
     peak = max(range(len(rows)), key=lambda r: sum(rows[r].values()))
     echoed = {**asdict(layout), "world_size": layout.world_size, "peak_pp_rank": peak}
     if echoed["layers_per_stage"] is not None:
         echoed["layers_per_stage"] = list(echoed["layers_per_stage"])
-    return {"memory_gib_per_gpu": sum(rows[peak].values()), "memory_breakdown": rows[peak],
-            "host_memory_gib_per_gpu": host[peak], "layout": echoed}
+    out = {"memory_gib_per_gpu": sum(rows[peak].values()), "memory_breakdown": rows[peak],
+           "host_memory_gib_per_gpu": host[peak], "layout": echoed}
+    if layout.offload == "cpu":
+        out["offload"] = offload_summary(cfg, layout, peak, max(host))
+    return out
+
+
+def offload_summary(cfg: ModelConfig, layout: Layout, peak: int, host_gib: float) -> Dict[str, float]:
+    """What optim.offload=cpu changes: {"gpu_gib_saved": the optimizer state the peak rank would hold
+    on the GPU without offload (its moments, as configured, and the fp32 master of bf16 parameters),
+    "host_gib_per_node": the most any rank keeps on the host times the GPUs of a node}."""
+    kept = replace(layout, offload="none")
+    saved = rank_memory(cfg, kept)[peak]["optimizer_gib"]
+    return {"gpu_gib_saved": saved, "host_gib_per_node": host_gib * min(layout.gpus_per_node, layout.world_size)}

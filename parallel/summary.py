@@ -5,7 +5,9 @@ mtp_params, embedding_params, flops_per_token at `train.seq_len`, default 4096, 
 formulas checked against a meta-device model) with the memory per GPU of a training layout
 (parallel/memory.py, formula and assumptions there): memory_gib_per_gpu, memory_breakdown
 {params_gib, weight_copies_gib, grads_gib, optimizer_gib, activations_gib},
-host_memory_gib_per_gpu (optimizer state offloaded to the host) and the layout echoed.
+host_memory_gib_per_gpu (optimizer state offloaded to the host), the layout echoed and, with
+optim.offload=cpu, "offload": {gpu_gib_saved, host_gib_per_node} (a node of parallel.gpus_per_node
+GPUs, default 8).
 It prints one JSON line. It lives here, beside the layouts, because model/ knows no parallelism;
 model/summary.py's command-line entry point only hands over to `main`.
 
@@ -43,7 +45,7 @@ LAYOUT_KEYS = {"parallel.pp": "pp", "parallel.dp": "dp", "parallel.ep": "ep", "p
                "parallel.zero": "zero", "train.micro_batch": "micro_batch", "train.global_batch": "global_batch",
                "precision": "precision", "precision.fused_head_loss": "fused_head_loss",
                "precision.param_dtype": "param_dtype", "optim.moments_dtype": "moments_dtype",
-               "optim.offload": "offload"}
+               "optim.offload": "offload", "parallel.gpus_per_node": "gpus_per_node"}
 DEFAULT_MARGIN_GIB = 4.0
 
 
@@ -77,6 +79,8 @@ def training_defaults(fields: Dict[str, object]) -> Dict[str, object]:
     out.setdefault("param_dtype", precision.get("param_dtype", "fp32"))
     out.setdefault("moments_dtype", optim.get("moments_dtype", "bf16"))
     out.setdefault("offload", optim.get("offload", "none"))
+    if out.get("gpus_per_node") is None:
+        out["gpus_per_node"] = parallel.get("gpus_per_node") or 8
     for key in ("schedule", "stages_per_rank", "layers_per_stage", "zero"):
         if key not in out and parallel.get(key) is not None:
             out[key] = parallel[key]
