@@ -102,6 +102,7 @@ def run_job(job: Job, mcfg, args: List[str], world: int) -> int:
     """Train one composed job; returns the exit status (0, 1 training failed, 2 bad config)."""
     from training.checkpoint import CheckpointError
     from training.distributed import init_distributed, is_collective_failure
+    from training.hardware import use_deterministic
     from training.inputs import prepare_inputs
     from training.loop import Trainer, TrainingError
     from training.run_config import keep_config
@@ -109,6 +110,7 @@ def run_job(job: Job, mcfg, args: List[str], world: int) -> int:
 
     cfg = job.cfg
     start = time.perf_counter()
+    use_deterministic(cfg.train.deterministic)
     try:
         dist = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         if dist.device.type == "cpu":
@@ -154,7 +156,10 @@ def run_job(job: Job, mcfg, args: List[str], world: int) -> int:
 
 
 def banner(cfg, trainer, world: int, resumed) -> str:
-    """Lines saying what runs where, what steps the weights, and from which checkpoint it resumed."""
+    """Lines saying what runs where, what steps the weights, whether MFU is known, and from which
+    checkpoint it resumed."""
+    from training.hardware import device_name
+
     t = cfg.train
     n_params = sum(p.numel() for p in trainer.model.parameters())
     dp = data_parallel_size(cfg, world)
@@ -164,6 +169,9 @@ def banner(cfg, trainer, world: int, resumed) -> str:
             f"accumulation {accum}), {t.steps} steps = {trainer.schedules.total_tokens / 1e6:.2f}M tokens, "
             f"out_dir={trainer.out_dir}\ntrain.py: parameters {cfg.precision.param_dtype}, optimizer "
             f"{trainer.describe_optimizer()}")
+    if trainer.peak is None:
+        text += (f"\ntrain.py: no MFU: {device_name(trainer.dist.device)!r} is not in training/hardware.py's table; "
+                 f"set train.peak_tflops=<dense TFLOP/s of one device in precision {cfg.precision.name}>")
     if resumed is not None:
         text += f"\ntrain.py: resumed from {resumed} (step {trainer.progress.step})"
     return text

@@ -10,16 +10,62 @@ up projections) in FP8 and recompute the SwiGLU output in backward. Weight gradi
 Weights are quantized once per optimizer step (`kernels.weights`); Dgrad reads the transposed FP8
 copy, so every GEMM operand is K-major. Expert row counts stay on the device (a tensor) or are
 None for a single expert (the dense SwiGLU): nothing here waits for the GPU.
+
+Split backward (zero-bubble pipeline schedules, ZB-V and DualPipeV): the schedule first computes the
+gradient of a stage's input ("input" phase) and later the weight gradients ("weight" phase), and
+torch's `stage_backward_weight` calls these functions' backward a second time for that. Inside
+`backward_phase(...)` each backward computes only the GEMMs of its phase (the experts keep the
+quantized operands of their weight-gradient GEMMs from the input phase), so every backward GEMM
+runs once, as in a plain backward.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
 from .weights import fp8_weight
+
+
+PHASES = ("full", "input", "weight")
+_phase = ["full"]
+
+
+@contextlib.contextmanager
+def backward_phase(kind: str) -> Iterator[None]:
+    """Within the block, backward calls compute only the gradients of `kind`: "input" (the input
+    gradient, Dgrad), "weight" (weight gradients, Wgrad) or "full" (both; the default)."""
+    if kind not in PHASES:
+        raise ValueError(f"backward phase must be one of {PHASES}, got {kind!r}")
+    _phase.append(kind)
+    try:
+        yield
+    finally:
+        _phase.pop()
+
+
+def current_phase() -> str:
+    """The innermost `backward_phase` ("full" outside any)."""
+    return _phase[-1]
+
+
+def _wanted(ctx) -> Tuple[bool, bool]:
+    """(input gradient, weight gradients) this backward call must compute. In the weight phase the
+    input gradient is still computed when autograd will use it (the node that made the input runs
+    in this backward)."""
+    phase = current_phase()
+    want_dx = ctx.needs_input_grad[0] and (phase != "weight" or _input_node_runs(ctx))
+    return want_dx, phase != "input"
+
+
+def _input_node_runs(ctx) -> bool:
+    node = ctx.next_functions[0][0]
+    if node is None or type(node).__name__ == "AccumulateGrad":  # a leaf: a stage input, not wanted here
+        return False
+    return torch._C._will_engine_execute_node(node)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -63,11 +109,12 @@ class FP8LinearFunction(torch.autograd.Function):
         pow2 = ctx.pow2
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = None
-        if ctx.needs_input_grad[0]:
+        want_dx, want_dw = _wanted(ctx)
+        if want_dx:
             w8 = fp8_weight(weight, pow2)
             dyq, dys = ops.quantize_1x128(dy2, pow2)
             dx = ops.fp8_gemm(dyq, dys, w8.data_t, w8.scale_t, x_dtype).view(x_shape)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and want_dw:
             pad = -dy2.shape[0] % ROW_ALIGN
             dyt, dyts = ops.quantize_128x1(_pad_rows(dy2, pad), pow2)
             if ctx.e5m6:
@@ -122,6 +169,11 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        want_dx, want_dw = _wanted(ctx)
+        stash = getattr(ctx, "wgrad_operands", None)
+        if stash is not None and want_dw and not want_dx:  # weight phase after an input phase
+            ctx.wgrad_operands = None
+            return (None, *FP8SwiGLUExpertsFunction._weight_grads(ctx, *stash), None, None, None, None)
         xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight = ctx.saved_tensors
         w_gate_up, w_down = (_rebuilt(w, src, shape) for w, src, shape
                              in zip((w_gate_up, w_down), ctx.weight_sources, ctx.weight_shapes))
@@ -138,19 +190,28 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
             if ctx.needs_input_grad[5]:
                 d_row_weight = (dh * a).sum(dim=1).to(row_weight.dtype)
             a, dh = a * w_N1, dh * w_N1
-        dyt, dyts = ops.quantize_128x1(dy, pow2, counts=counts)
-        ht, hts = ops.quantize_128x1(a, pow2, counts=counts)
-        dw_down = ops.fp8_gemm_grouped_k(dyt, dyts, ht, hts, counts)
         dgu = torch.cat([dh * u * _silu_grad(g), dh * silu_g], dim=-1)
         dx = None
-        if ctx.needs_input_grad[0]:
+        if want_dx:
             gu8 = fp8_weight(w_gate_up, pow2, ctx.weight_sources[0])
             dguq, dgus = ops.quantize_1x128(dgu, pow2)
             dx = ops.fp8_gemm_grouped_m(dguq, dgus, gu8.data_t, gu8.scale_t, counts, ctx.x_dtype)
-        dgut, dguts = ops.quantize_128x1(dgu, pow2, counts=counts)
-        xt, xts = ops.quantize_128x1(xq, pow2, x_scale=xs, counts=counts)
-        dw_gate_up = ops.fp8_gemm_grouped_k(dgut, dguts, xt, xts, counts)
-        return dx, dw_gate_up, dw_down, None, None, d_row_weight, None
+        operands = (ops.quantize_128x1(dy, pow2, counts=counts), ops.quantize_128x1(a, pow2, counts=counts),
+                    ops.quantize_128x1(dgu, pow2, counts=counts))
+        if not want_dw:  # input phase: the weight phase runs the two Wgrad GEMMs on these
+            ctx.wgrad_operands = operands
+            return dx, None, None, None, None, d_row_weight, None
+        return (dx, *FP8SwiGLUExpertsFunction._weight_grads(ctx, *operands), None, None, d_row_weight, None)
+
+    @staticmethod
+    def _weight_grads(ctx, dy_t, h_t, dgu_t) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(dW_gate_up, dW_down) from the 128x1-quantized (values, scales) of dy, of the SwiGLU output
+        and of the gate/up gradient, and the saved FP8 input."""
+        xq, xs = ctx.saved_tensors[:2]
+        x_t = ops.quantize_128x1(xq, ctx.pow2, x_scale=xs, counts=ctx.counts)
+        dw_down = ops.fp8_gemm_grouped_k(*dy_t, *h_t, ctx.counts)
+        dw_gate_up = ops.fp8_gemm_grouped_k(*dgu_t, *x_t, ctx.counts)
+        return dw_gate_up, dw_down
 
 
 def _rebuilt(w: Optional[torch.Tensor], sources, shape) -> torch.Tensor:

@@ -3,7 +3,8 @@
 q = W_qb(RMSNorm(W_qa x)) (or W_q x without q-LoRA); [c_kv, k_rope] = W_kva x;
 [k_nope, v] = W_kvb(RMSNorm(c_kv)); RoPE on the rope part only, k_rope shared by all heads.
 Only (c_kv, k_rope) are cached during generation: MLA's compressed KV cache; decoding steps attend
-to it directly, with the key/value up-projections absorbed into query and output.
+to it directly, with the key/value up-projections absorbed into query and output. On CUDA the values
+are zero-padded to the query/key head dim so that SDPA can run flash attention (`attention`).
 """
 from __future__ import annotations
 
@@ -109,10 +110,21 @@ class MLA(nn.Module):
         return torch.einsum("bshr,hvr->bshv", out_latent, w_uv)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
-    """Causal softmax attention; query i sits at absolute position start + i of the keys."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
+              pad_v: Optional[bool] = None) -> torch.Tensor:
+    """Causal softmax attention; query i sits at absolute position start + i of the keys.
+
+    MLA's values are narrower than its queries and keys (128 vs 192 in DeepSeek-V3), and SDPA's flash
+    attention kernels need one head dim for all three. `pad_v` (default: on CUDA, where flash
+    attention is the fast kernel) zero-pads v to the q/k head dim and drops the padded output columns:
+    the same result, since output column j only ever reads value column j."""
+    dv = v.shape[-1]
+    if (q.is_cuda if pad_v is None else pad_v) and dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
     S, T = q.shape[2], k.shape[2]
     if start == 0 and S == T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out[..., :dv] if out.shape[-1] != dv else out

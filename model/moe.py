@@ -12,11 +12,13 @@ supplies the expert-parallel ones) together with the experts module.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ModelConfig
 from .norm import RMSNorm
@@ -36,14 +38,35 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+_WEIGHT_CASTS = WeakIdKeyDictionary()
+
+
+def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`w` in `dtype`, cast once while any copy is alive, as autocast's cache does for the ops it knows.
+
+    A parameter's cast is remembered weakly (with the parameter's version): every micro-batch in flight
+    (a pipeline schedule runs several forwards before their backwards) shares the one copy that the
+    first forward saved for backward, instead of saving a copy each. It is freed with the last graph
+    that uses it; an in-place update of the parameter makes it stale."""
+    if not (w.is_leaf and w.requires_grad and torch.is_autocast_cache_enabled()) or w.dtype == dtype:
+        return w.to(dtype)
+    hit = _WEIGHT_CASTS.get(w)
+    cast = hit[2]() if hit is not None and hit[:2] == (w._version, dtype) else None
+    if cast is None:
+        cast = w.to(dtype)
+        _WEIGHT_CASTS[w] = (w._version, dtype, weakref.ref(cast))
+    return cast
+
+
 def grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert, counts_E rows per expert: row n of expert e -> x[n] @ w[e]^T.
 
-    Autocast has no rule for grouped GEMMs, so under autocast both operands are cast here.
+    Autocast has no rule for grouped GEMMs, so under autocast both operands are cast here (the
+    weight through `autocast_weight`, shared by the micro-batches in flight).
     """
     if torch.is_autocast_enabled(x_ND.device.type):
         dtype = torch.get_autocast_dtype(x_ND.device.type)
-        x_ND, w_EOD = x_ND.to(dtype), w_EOD.to(dtype)
+        x_ND, w_EOD = x_ND.to(dtype), autocast_weight(w_EOD, dtype)
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w_EOD.shape[1])
     offsets = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -272,10 +295,11 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def stacked_expert_load(layers: Sequence[MoE]) -> torch.Tensor:
-    """Tokens routed to each expert of `layers` since their last bias update: [len(layers), E]."""
+def stacked_expert_load(layers: Sequence[MoE], device: torch.device) -> torch.Tensor:
+    """Tokens routed to each expert of `layers` since their last bias update: [len(layers), E]
+    ([0, 0] on `device` without MoE layers, so collectives over it stay on the model's device)."""
     if not layers:
-        return torch.zeros(0, 0)
+        return torch.zeros(0, 0, device=device)
     return torch.stack([m.gate.tokens_per_expert for m in layers])
 
 

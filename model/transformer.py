@@ -90,7 +90,7 @@ class Transformer(nn.Module):
 
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since the last bias update: [n_moe_layers, n_routed_experts]."""
-        return stacked_expert_load(self.moe_layers())
+        return stacked_expert_load(self.moe_layers(), self.embed_tokens.weight.device)
 
     def update_router_bias(self, gamma: float, load_LE: Optional[torch.Tensor] = None) -> None:
         """Bias update of auxiliary-loss-free balancing for every router (resets the load counters)."""

@@ -17,6 +17,11 @@ group is a run of `ep` consecutive ranks. Rules, each checked with a ValueError 
 Gradient groups: dense parameters are replicated on every rank of a pipeline stage, so their
 gradients reduce over dp x ep (`dense_grad_group`); an expert lives on one EP rank of each dp replica,
 so its gradients reduce over dp (`expert_grad_group`).
+
+Every group of the mesh is connected when the layout is built (`connect_groups`: one tiny
+all-reduce each), so NCCL creates its communicators at start-up rather than inside the first
+pipeline step or the first expert all-to-all, where a slow start would be counted as step time
+and a missing peer would surface as a hang mid-step.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -149,4 +155,17 @@ def build_layout(*, pp: int = 1, dp: Optional[int] = None, ep: int = 1, gpus_per
     layout.pp_rank, layout.dp_rank, layout.ep_rank = (mesh[d].get_local_rank() for d in ("pp", "dp", "ep"))
     layout.pp_group, layout.dp_group, layout.ep_group = (mesh[d].get_group() for d in ("pp", "dp", "ep"))
     layout.dense_grad_group = mesh["dp", "ep"]._flatten("dp_ep").get_group()
+    connect_groups(layout, device_type)
     return layout
+
+
+def connect_groups(layout: ParallelLayout, device_type: str) -> None:
+    """One all-reduce of a 1-element tensor over each process group of `layout`, in a fixed order on
+    every rank: NCCL builds the communicators now instead of lazily during the first step."""
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    seen = set()
+    for group in (layout.pp_group, layout.dp_group, layout.ep_group, layout.dense_grad_group):
+        if group is None or id(group) in seen:
+            continue
+        seen.add(id(group))
+        dist.all_reduce(torch.zeros(1, device=device), group=group)

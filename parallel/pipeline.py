@@ -21,11 +21,25 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
+from kernels.linear import backward_phase
 from model.moe import MoE, set_balance_loss_weight, stacked_expert_load, update_router_biases
 from model.transformer import Transformer, maxvio
 
 from .pipeline_schedules import SCHEDULE_CLASSES, check_microbatches
 from .pipeline_stages import V_SHAPED, LocalModel, StageModule, check_schedule, rank_stages, split_layers, stage_rank
+
+
+class _Stage(PipelineStage):
+    """PipelineStage whose backward steps tell the FP8 kernels which gradients they are for.
+
+    The zero-bubble schedules (zbv, dualpipev) split a stage's backward into an input step and a
+    later weight step, and torch runs the custom autograd functions' backward in both; inside
+    `kernels.linear.backward_phase` each step computes only its own GEMMs (and an MLA recompute
+    runs once)."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
+        with backward_phase(backward_type):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward=last_backward)
 
 
 class _MicroBatchLoss:
@@ -48,12 +62,14 @@ class Pipeline:
     (`micro_batch`, `seq_len`): the schedule allocates its receive buffers once (static stage
     metadata also keeps the schedule from running a stage's forward to infer shapes, which would
     count router load and run expert all-to-alls). Only `module` (this rank's stages) is used; the
-    rest of the `model` passed in is not touched and can be dropped by the caller.
+    rest of the `model` passed in is not touched and can be dropped by the caller. `wire_dtype`:
+    the dtype activations and their gradients travel in between stages (StageModule; None: fp32).
     """
 
     def __init__(self, model: Transformer, *, pp_group: dist.ProcessGroup, schedule: str, n_microbatches: int,
                  micro_batch: int, seq_len: int, stages_per_rank: Optional[int] = None,
-                 layers_per_stage: Optional[Sequence[int]] = None, mtp_weight: float = 0.3):
+                 layers_per_stage: Optional[Sequence[int]] = None, mtp_weight: float = 0.3,
+                 wire_dtype: Optional[torch.dtype] = None):
         cfg = self.cfg = model.cfg
         self.pp_group = pp_group
         self.pp, self.pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
@@ -70,15 +86,15 @@ class Pipeline:
         self.n_microbatches, self.micro_batch, self.seq_len = n_microbatches, micro_batch, seq_len
         self.stage_modules = [
             StageModule(model, s, self.n_stages, self.layout[s], carry_embedding=has_mtp and not v_shaped,
-                        local_mtp_embedding=has_mtp and v_shaped)
+                        local_mtp_embedding=has_mtp and v_shaped, wire_dtype=wire_dtype)
             for s in rank_stages(self.pp_rank, self.pp, self.n_stages, schedule)]
         self.module = LocalModel(model, self.stage_modules)
         weight = model.embed_tokens.weight
-        self.module_dtype, self.device = weight.dtype, weight.device
+        self.device = weight.device
         self.stages = []
         for m in self.stage_modules:
-            inputs, outputs = m.io_shapes(micro_batch, seq_len, weight.dtype)
-            self.stages.append(PipelineStage(m, m.stage, self.n_stages, weight.device, input_args=inputs,
+            inputs, outputs = m.io_shapes(micro_batch, seq_len)
+            self.stages.append(_Stage(m, m.stage, self.n_stages, weight.device, input_args=inputs,
                                              output_args=outputs, group=pp_group))
         self._loss = _MicroBatchLoss(n_microbatches, mtp_weight)
         cls = SCHEDULE_CLASSES[schedule]
@@ -140,11 +156,10 @@ class Pipeline:
                     if owner != self.pp_rank:
                         if prev == self.pp_rank:
                             for t in acts:
-                                dist.send(t.contiguous(), dst=dist.get_global_rank(self.pp_group, owner),
-                                          group=self.pp_group)
+                                self._p2p(dist.isend, t.contiguous(), owner)
                         continue
                     if s and prev != self.pp_rank:
-                        metas = local[s].io_shapes(x_mb.shape[0], self.seq_len, self.module_dtype)[0]
+                        metas = local[s].io_shapes(x_mb.shape[0], self.seq_len)[0]
                         acts = tuple(self._recv_like(t, prev) for t in metas)
                     out = local[s](*acts, labels=y_mb.contiguous())
                     if s == self.n_stages - 1:
@@ -161,8 +176,15 @@ class Pipeline:
 
     def _recv_like(self, meta: torch.Tensor, src_rank: int) -> torch.Tensor:
         buf = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-        dist.recv(buf, src=dist.get_global_rank(self.pp_group, src_rank), group=self.pp_group)
+        self._p2p(dist.irecv, buf, src_rank)
         return buf
+
+    def _p2p(self, op, tensor: torch.Tensor, pp_rank: int) -> None:
+        """One send or receive as a batched P2P op, as the schedules do: NCCL then uses the pipeline
+        group's communicator (connected at start-up) instead of creating a pairwise one."""
+        peer = dist.get_global_rank(self.pp_group, pp_rank)
+        for work in dist.batch_isend_irecv([dist.P2POp(op, tensor, peer, self.pp_group)]):
+            work.wait()
 
     def _mean_losses(self) -> Dict[str, torch.Tensor]:
         """Mean over the micro-batches (float64, like gradient accumulation's bookkeeping), on every rank."""
@@ -190,7 +212,7 @@ class Pipeline:
 
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert of this rank's MoE layers since the last bias update [L_local, E]."""
-        return stacked_expert_load(self.moe_layers())
+        return stacked_expert_load(self.moe_layers(), self.device)
 
     @torch.no_grad()
     def full_expert_load(self, load_LE: torch.Tensor) -> torch.Tensor:

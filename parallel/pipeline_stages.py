@@ -108,11 +108,17 @@ class StageModule(nn.Module):
     (main next-token CE, mean MTP CE). `labels` [b, S] are the next tokens (tokens[:, 1:]) and reach
     every stage as a keyword argument. Activations: first stage gets tokens [b, S]; the others get
     h [b, S, D] (and the embedding output e when `carry_embedding`).
+
+    `wire_dtype` (e.g. bf16 under bf16 autocast or FP8, as DeepSeek-V3 sends them): activations leave
+    the stage in that dtype, so they and their gradients cross ranks in half the bytes of fp32, and
+    are widened back to the residual stream's dtype (the embedding's) on arrival.
     """
 
     def __init__(self, model: Transformer, stage: int, n_stages: int, layer_ids: Sequence[int], *,
-                 carry_embedding: bool, local_mtp_embedding: bool):
+                 carry_embedding: bool, local_mtp_embedding: bool, wire_dtype: Optional[torch.dtype] = None):
         super().__init__()
+        self.residual_dtype = model.embed_tokens.weight.dtype
+        self.wire_dtype = wire_dtype or self.residual_dtype
         self.stage, self.n_stages = stage, n_stages
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.carry_embedding = carry_embedding
@@ -131,13 +137,14 @@ class StageModule(nn.Module):
             h = self.embed_tokens(acts[0])
             e = h if self.carry_embedding else None
         else:
-            h = acts[0]
-            e = acts[1] if self.carry_embedding else None
+            h = acts[0].to(self.residual_dtype)
+            e = acts[1].to(self.residual_dtype) if self.carry_embedding else None
         rope = self.rotary(h.shape[1])
         for block in self.layers.values():
             h = block(h, rope)
         if not self.is_last:
-            return (h, e) if self.carry_embedding else h
+            h = h.to(self.wire_dtype)
+            return (h, e.to(self.wire_dtype)) if self.carry_embedding else h
         return self._losses(h, e, labels)
 
     def _losses(self, h_BSD: torch.Tensor, e_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor) -> torch.Tensor:
@@ -148,9 +155,10 @@ class StageModule(nn.Module):
             emb_next = self.embed_tokens(labels_BS[:, :-1]) if self.local_mtp_embedding else e_BSD[:, 1:]
         return torch.stack(next_token_losses(self, h_BSD, emb_next, labels_BS, self.fused_head_loss))
 
-    def io_shapes(self, micro_batch: int, seq_len: int, dtype: torch.dtype) -> Tuple[tuple, tuple]:
-        """Example (inputs, outputs) on the meta device: the static shapes the schedule allocates."""
-        act = torch.empty(micro_batch, seq_len, self.hidden_size, dtype=dtype, device="meta")
+    def io_shapes(self, micro_batch: int, seq_len: int) -> Tuple[tuple, tuple]:
+        """Example (inputs, outputs) on the meta device: the static shapes (and `wire_dtype`) the
+        schedule allocates."""
+        act = torch.empty(micro_batch, seq_len, self.hidden_size, dtype=self.wire_dtype, device="meta")
         n_act = 2 if self.carry_embedding else 1
         inputs = ((torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta"),) if self.is_first
                   else tuple(act.clone().requires_grad_(True) for _ in range(n_act)))

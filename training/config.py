@@ -138,9 +138,9 @@ class TrainConfig:
     global_batch / (dp x ep) and runs them `micro_batch` at a time, accumulating gradients in
     between. `micro_batch` null: no accumulation, each rank runs its whole share in one forward.
 
-    `peak_tflops` (per device) is the MFU denominator; null means 989 (H100 bf16 dense) on CUDA and,
-    on CPU, the matmul throughput measured on a 2-core x86 machine: 0.45 TFLOP/s per thread in bf16,
-    0.1 in fp32.
+    `peak_tflops` (dense TFLOP/s of one device) is the MFU denominator; null: the device's figure in
+    the run's precision from training/hardware.py (H100, H200, H800, B200, GB200; on CPU a measured
+    matmul rate per thread). `deterministic`: deterministic algorithms (README, "Exactness").
 
     `ema_decay` > 0 keeps an exponential moving average of the weights in CPU memory, updated after
     each step off the training path and saved in checkpoints (training/ema.py); 0 turns it off.
@@ -161,6 +161,7 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     device: str = "auto"
     ema_decay: float = 0.0
+    deterministic: bool = False
 
 
 @dataclass

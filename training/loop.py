@@ -1,6 +1,7 @@
 """The training loop: build everything from a validated config, resume, train, validate, checkpoint.
 
-Per step: take the global batch of the batch-size schedule (this rank's rows), split it into
+Per step: take the global batch of the batch-size schedule (this rank's rows, built one step ahead
+in a worker thread and copied from pinned memory: training/prefetch.py), split it into
 micro-batches, set LR / λ / γ from tokens seen, run `step.train_step`; then, when due, validation
 (`eval.every`), a metrics record (`logging.every`, every skipped step, every validation) and a
 checkpoint (`checkpoint.every` steps, `checkpoint.every_minutes` of wall time; synchronous or in
@@ -36,15 +37,14 @@ from .checkpointer import Checkpointer
 from .ema import EMA
 from .config import ConfigError, batch_unit, data_parallel_size, micro_batch_size, resolve_path
 from .distributed import Dist
+from .hardware import memory_metrics, peak_tflops
 from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger, layer_records
 from .optim import DTYPES, AdamW, set_lr
 from .profile import StepProfiler
+from .prefetch import BatchPrefetcher
 from .schedule import Schedules
 from .step import StepResult, parallel_train_step, parallel_validate, train_step, validate
-
-CPU_TFLOPS_PER_THREAD = {"bf16": 0.45, "fp8": 0.45, "fp32": 0.1}
-CUDA_PEAK_TFLOPS = 989.0
 
 
 class TrainingError(RuntimeError):
@@ -86,13 +86,11 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def peak_flops(cfg: DictConfig, device: torch.device) -> float:
-    """Per-device peak FLOP/s for MFU: train.peak_tflops, else H100 bf16 dense on CUDA, else the CPU figure."""
-    if cfg.train.peak_tflops is not None:
-        return cfg.train.peak_tflops * 1e12
-    if device.type == "cuda":
-        return CUDA_PEAK_TFLOPS * 1e12
-    return CPU_TFLOPS_PER_THREAD[cfg.precision.name] * torch.get_num_threads() * 1e12
+def peak_flops(cfg: DictConfig, device: torch.device) -> Optional[float]:
+    """Per-device dense peak FLOP/s in the run's precision for MFU (training/hardware.py; None for a
+    GPU missing from its table when train.peak_tflops is not set)."""
+    tflops = peak_tflops(device, cfg.precision.name, cfg.train.peak_tflops)
+    return tflops * 1e12 if tflops is not None else None
 
 
 def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Transformer:
@@ -158,7 +156,8 @@ def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, de
     return PipelineParallel(model, layout, micro_batch=micro, seq_len=t.seq_len,
                             n_microbatches=t.global_batch // (micro * dp), make_optimizer=make_optimizer,
                             schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
-                            zero=zero, offload=offload)
+                            zero=zero, offload=offload,
+                            wire_dtype=None if cfg.precision.name == "fp32" else torch.bfloat16)
 
 
 class Trainer:
@@ -175,12 +174,13 @@ class Trainer:
         self.optimizer = self.par.optimizer if self.par else make_optimizer(self.model.named_parameters())
         self.micro_batch = micro_batch_size(cfg, self.dp)
         self.schedules = Schedules(cfg.optim, cfg.train, batch_unit(cfg, self.dp))
-        self.dataset = train_batches(cfg, inputs, dp_rank=self.par.replica if self.par else dist.rank,
-                                     dp_world=self.dp)
+        self.batches = BatchPrefetcher(train_batches(cfg, inputs, dp_rank=self.par.replica if self.par else dist.rank,
+                                                     dp_world=self.dp), dist.device)
         self.bytes_per_token = shard_stats(inputs.val_dir)["bytes_per_token"]
         self.autocast = autocast_for(cfg.precision.name, dist.device)
         self.flops_per_token = flops_per_token(mcfg, cfg.train.seq_len)
-        self.peak = peak_flops(cfg, dist.device) * dist.world
+        peak = peak_flops(cfg, dist.device)
+        self.peak = peak * dist.world if peak is not None else None
         self.progress = Progress()
         module = self.par.module if self.par is not None else self.model
         self.ema = EMA(module.named_parameters(remove_duplicate=False), cfg.train.ema_decay) \
@@ -230,11 +230,11 @@ class Trainer:
         train = {"step": torch.tensor(p.step), "tokens": torch.tensor(p.tokens),
                  "skipped_steps": torch.tensor(p.skipped_steps), "skipped_in_row": torch.tensor(p.skipped_in_row),
                  "elapsed": torch.tensor(p.elapsed, dtype=torch.float64), "rng_cpu": torch.get_rng_state(),
-                 "data": checkpoint.json_tensor(self.dataset.state_dict())}
+                 "data": checkpoint.json_tensor(self.batches.state_dict())}
         if self.dist.device.type == "cuda":
             train["rng_cuda"] = torch.cuda.get_rng_state(self.dist.device)
         meta = {**asdict(p), "lr": self.schedules.lr(p.tokens), "mtp_lambda": self.schedules.mtp_lambda(p.tokens),
-                "bias_gamma": self.schedules.bias_gamma(p.tokens), "data": self.dataset.state_dict(),
+                "bias_gamma": self.schedules.bias_gamma(p.tokens), "data": self.batches.state_dict(),
                 "world": self.dist.world, "config": OmegaConf.to_container(self.cfg, resolve=True)}
         self.checkpointer.save(p.step, {**self._state(), "train": train}, self.mcfg.to_dict(), meta)
 
@@ -274,7 +274,7 @@ class Trainer:
         self.progress = Progress(step=int(train["step"]), tokens=int(train["tokens"]),
                                  skipped_steps=int(train["skipped_steps"]),
                                  skipped_in_row=int(train["skipped_in_row"]), elapsed=float(train["elapsed"]))
-        self.dataset.load_state_dict(checkpoint.tensor_json(train["data"]))
+        self.batches.load_state_dict(checkpoint.tensor_json(train["data"]))
         torch.set_rng_state(train["rng_cpu"])
         if "rng_cuda" in train and self.dist.device.type == "cuda":
             torch.cuda.set_rng_state(train["rng_cuda"], self.dist.device)
@@ -285,11 +285,21 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- one step
-    def step(self) -> StepResult:
-        """One optimizer step on the next global batch (no logging, validation or checkpoint)."""
-        cfg, p, s = self.cfg, self.progress, self.schedules
+    def _next_rows(self) -> torch.Tensor:
+        """This step's rows on the device; starts building the next step's in the background."""
+        p, s, seq_len = self.progress, self.schedules, self.cfg.train.seq_len
         batch = s.batch_size(p.tokens)
-        rows = self.dataset.next_batch(batch).to(self.dist.device)
+        rows = self.batches.take(batch)
+        if p.step + 1 < self.cfg.train.steps:
+            self.batches.ahead(s.batch_size(p.tokens + batch * seq_len))
+        return rows
+
+    def step(self, rows: Optional[torch.Tensor] = None) -> StepResult:
+        """One optimizer step on `rows` (default: the next global batch; no logging, validation or
+        checkpoint)."""
+        cfg, p, s = self.cfg, self.progress, self.schedules
+        rows = self._next_rows() if rows is None else rows
+        batch = rows.shape[0]
         set_lr(self.optimizer, s.lr(p.tokens + batch * cfg.train.seq_len))
         if self.par is not None:
             result = parallel_train_step(self.par, rows, mtp_lambda=s.mtp_lambda(p.tokens),
@@ -321,6 +331,13 @@ class Trainer:
                                          dist=self.dist)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
+    def _memory(self) -> Dict[str, float]:
+        """Memory figures of training/hardware.py, max over ranks."""
+        mem = memory_metrics(self.dist.device)
+        values = torch.tensor(list(mem.values()), dtype=torch.float64, device=self.dist.device)
+        self.dist.all_reduce_(values, op=torch.distributed.ReduceOp.MAX)
+        return dict(zip(mem, values.tolist()))
+
     def _router_biases(self):
         """The router bias of each MoE layer of this rank."""
         return [m.gate.e_score_correction_bias for m in (self.par or self.model).moe_layers()]
@@ -349,10 +366,11 @@ class Trainer:
         window_tokens, window_time, window_steps = 0, 0.0, 0
         try:
             while p.step < total:
+                rows = self._next_rows()
                 t0 = time.perf_counter()
                 tokens_before = p.tokens
                 profiler.before_step(p.step + 1)
-                result = self.step()
+                result = self.step(rows)
                 dt = time.perf_counter() - t0
                 logger.log_files(profiler.after_step(p.step))
                 window_tokens, window_time, window_steps = (window_tokens + p.tokens - tokens_before,
@@ -364,10 +382,12 @@ class Trainer:
                     tokens_per_s = window_tokens / max(window_time, 1e-9)
                     record = {"step": p.step, "tokens": p.tokens, "loss": result.loss, "mtp_loss": result.mtp_loss,
                               "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,
-                              "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak,
+                              "tokens_per_s": tokens_per_s,
+                              "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else None,
                               "maxvio": result.maxvio, "time": p.elapsed + time.perf_counter() - t0,
                               "skipped_steps": p.skipped_steps, "balance_loss": result.balance_loss,
-                              **result.traffic, **layer_records(result.load if self.par is None else self.par.layer_load(result.load)),
+                              **self._memory(), **result.traffic,
+                              **layer_records(result.load if self.par is None else self.par.layer_load(result.load)),
                               **record}
                     if result.skipped:
                         record["skipped"] = True
@@ -402,4 +422,5 @@ class Trainer:
             stop.restore()
             self.logger = None
             logger.close()
+            self.batches.close()
         return last
