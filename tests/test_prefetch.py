@@ -44,3 +44,24 @@ def test_loading_a_position_drops_the_batch_built_ahead():
     ahead.load_state_dict({"pos": 1})
     assert ahead.take(2)[:, 0].tolist() == [1, 2] and ahead.state_dict() == {"pos": 3}
     ahead.close()
+
+
+class RankShare(Counting):
+    """This rank's half of each global batch (dp = 2), counting how often a batch is built."""
+
+    def __init__(self):
+        super().__init__()
+        self.built = 0
+
+    def next_batch(self, n):
+        self.built += 1
+        return super().next_batch(n // 2)
+
+
+def test_a_ranks_share_is_not_mistaken_for_a_wrong_size():
+    ahead = BatchPrefetcher(RankShare(), torch.device("cpu"))
+    for _ in range(3):
+        assert ahead.take(8).shape[0] == 4
+        ahead.ahead(8)
+    ahead.close()
+    assert ahead.dataset.built == 4 and ahead.dataset.pos == 12  # 3 taken + 1 built ahead, rewound at close

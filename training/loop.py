@@ -299,7 +299,7 @@ class Trainer:
         checkpoint)."""
         cfg, p, s = self.cfg, self.progress, self.schedules
         rows = self._next_rows() if rows is None else rows
-        batch = rows.shape[0]
+        batch = s.batch_size(p.tokens)  # the global batch (rows are this rank's share of it)
         set_lr(self.optimizer, s.lr(p.tokens + batch * cfg.train.seq_len))
         if self.par is not None:
             result = parallel_train_step(self.par, rows, mtp_lambda=s.mtp_lambda(p.tokens),

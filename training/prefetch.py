@@ -15,7 +15,7 @@ import torch
 
 
 class BatchPrefetcher:
-    """`take(n)` -> the next `n` rows of `dataset` on `device`; `ahead(n)` starts building the next ones."""
+    """`take(n)` -> `dataset.next_batch(n)` on `device`; `ahead(n)` starts building the next one."""
 
     def __init__(self, dataset, device: torch.device):
         self.dataset, self.device = dataset, device
@@ -34,9 +34,11 @@ class BatchPrefetcher:
             self._pending = (n, self._pool.submit(self._build, n))
 
     def take(self, n: int) -> torch.Tensor:
-        """The next `n` rows on the device (copy issued asynchronously from pinned memory on CUDA)."""
+        """The rows of the next batch of `n` (`dataset.next_batch(n)`: this rank's share) on the device
+        (copied asynchronously from pinned memory on CUDA)."""
+        built_for = self._pending[0] if self._pending is not None else None
         state, rows = self._collect()
-        if rows is not None and rows.shape[0] != n:  # built for another size: rewind and rebuild
+        if rows is not None and built_for != n:  # built for another size: rewind and rebuild
             self.dataset.load_state_dict(state)
             rows = None
         if rows is None:
