@@ -174,6 +174,10 @@ def banner(cfg, trainer, world: int, resumed) -> str:
                  f"set train.peak_tflops=<dense TFLOP/s of one device in precision {cfg.precision.name}>")
     if resumed is not None:
         text += f"\ntrain.py: resumed from {resumed} (step {trainer.progress.step})"
+    if trainer.init_from_skipped:
+        text += f"\ntrain.py: init_from={cfg.init_from} not used: out_dir holds a checkpoint, resuming wins"
+    if trainer.initialized_from is not None:
+        text += f"\ntrain.py: initialized from {trainer.initialized_from} (weights only: step 0, fresh optimizer)"
     return text
 
 

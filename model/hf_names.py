@@ -111,14 +111,17 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> Dict[str, Any]
 # ---------------------------------------------------------------- tensor names
 
 
-def hf_tensors(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor view) for every tensor of the checkpoint, in state_dict order.
+def hf_tensors(model: torch.nn.Module, part: Optional[str] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor view) for every tensor of the checkpoint, in state_dict order; only
+    those of submodule `part` (e.g. "layers.3", "mtp.0") when given.
 
     Views share memory with the model; MTP copies of embedding and head are the same tensors again.
     """
     cfg: ModelConfig = model.cfg
     state = model.state_dict()
     for name, tensor in state.items():
+        if part is not None and not name.startswith(part + "."):
+            continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if name in ("embed_tokens.weight", "norm.weight"):

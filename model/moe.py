@@ -77,7 +77,10 @@ class GroupedExperts(nn.Module):
     """`num_experts` SwiGLU experts stored as stacked weights, run as grouped GEMMs.
 
     gate_up_proj [E, 2I, D] holds gate (first I rows) and up projections; down_proj [E, D, I].
+    Row i is the model's routed expert `expert_offset + i` (an expert-parallel rank holds a slice).
     """
+
+    expert_offset: int = 0
 
     def __init__(self, num_experts: int, dim: int, inter_dim: int):
         super().__init__()

@@ -14,8 +14,9 @@ from torch import nn
 from .block import Block
 from .config import ModelConfig
 from .head_loss import prediction_loss
+from .init import init_module
 from .mla import LatentKVCache
-from .moe import (GroupedExperts, MoE, Router, set_balance_loss_weight, stacked_expert_load,
+from .moe import (MoE, set_balance_loss_weight, stacked_expert_load,
                   update_router_biases)
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -27,7 +28,9 @@ class Transformer(nn.Module):
     """`lm_loss`'s default: head + cross-entropy without keeping logits (model/head_loss.py); the
     trainer sets it from `precision.fused_head_loss`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, seed: Optional[int] = None):
+        """Declared under `torch.device("meta")` the model holds no memory and is not initialized
+        (see `model.init.materialize`); otherwise `init_weights(seed=seed)`."""
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -39,23 +42,17 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
-        self.init_weights()
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights(seed=seed)
 
-    @torch.no_grad()
-    def init_weights(self, std: Optional[float] = None) -> None:
-        """Normal(0, std) for every matrix (std = initializer_range, 0.006 in the report), ones for norms."""
-        std = self.cfg.initializer_range if std is None else std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, 0.0, std)
-                module.e_score_correction_bias.zero_()
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.gate_up_proj, 0.0, std)
-                nn.init.normal_(module.down_proj, 0.0, std)
+    def init_weights(self, std: Optional[float] = None, seed: Optional[int] = None) -> None:
+        """Normal(0, std) for every matrix (std = initializer_range, 0.006 in the report), ones for norms,
+        each parameter from its own generator seeded by (seed, name[, expert]) (`model/init.py`), so
+        any layout that materializes a part of the model gets the same values. `seed` defaults to a
+        draw from torch's global generator (`torch.manual_seed` then `Transformer(cfg)` is reproducible)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        init_module(self, "", seed, self.cfg.initializer_range if std is None else std)
 
     def forward(self, tokens_BS: torch.Tensor, *, cache: Optional[LatentKVCache] = None,
                 return_mtp: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:

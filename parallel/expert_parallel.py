@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.init import materialized_device
 from model.transformer import Transformer
 
 from .dispatch import ExpertParallelDispatcher, make_dispatcher
@@ -38,24 +39,37 @@ def is_expert_param(name: str) -> bool:
 
 
 @torch.no_grad()
-def shard_experts(model: Transformer, ep_rank: int, ep: int, dispatcher: Callable) -> Transformer:
-    """Keep only this rank's slice of every MoE's routed experts and install `dispatcher`.
+def keep_expert_slice(model: Transformer, ep_rank: int, ep: int) -> Transformer:
+    """Keep only rows [ep_rank * E/ep, (ep_rank + 1) * E/ep) of every MoE's routed experts.
 
     The expert module stays the same object (same class, e.g. the FP8 experts of `model/fp8.py`);
-    its stacked weights are replaced by copies of rows [ep_rank * E/ep, (ep_rank + 1) * E/ep), so the
-    full tensors are freed. Build the optimizer afterwards.
+    its stacked weights are replaced by copies of its rows (on the meta device: by meta tensors of
+    the slice's shape, nothing is allocated) and `expert_offset` records the first global expert,
+    so the full tensors are freed. Experts that already hold this slice are left as they are.
+    Build the optimizer afterwards.
     """
     for moe in model.moe_layers():
-        experts = moe.experts
-        if experts.num_experts % ep:
-            raise ValueError(f"model.n_routed_experts ({experts.num_experts}) must be divisible by "
-                             f"parallel.ep ({ep})")
-        per_rank = experts.num_experts // ep
+        experts, total = moe.experts, moe.gate.n_experts
+        if total % ep:
+            raise ValueError(f"model.n_routed_experts ({total}) must be divisible by parallel.ep ({ep})")
+        per_rank = total // ep
+        if experts.num_experts == per_rank and experts.expert_offset == ep_rank * per_rank:
+            continue
+        if experts.num_experts != total:
+            raise ValueError(f"experts already sharded as {experts.num_experts} from {experts.expert_offset}; "
+                             f"cannot keep slice {ep_rank} of {ep}")
         rows = slice(ep_rank * per_rank, (ep_rank + 1) * per_rank)
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full[rows].clone(), requires_grad=full.requires_grad))
-        experts.num_experts = per_rank
+        experts.num_experts, experts.expert_offset = per_rank, ep_rank * per_rank
+    return model
+
+
+def shard_experts(model: Transformer, ep_rank: int, ep: int, dispatcher: Callable) -> Transformer:
+    """`keep_expert_slice` and install `dispatcher` in every MoE layer."""
+    keep_expert_slice(model, ep_rank, ep)
+    for moe in model.moe_layers():
         moe.dispatcher = dispatcher
     return model
 
@@ -77,17 +91,32 @@ def global_expert_load(model: Transformer, group: Optional[dist.ProcessGroup]) -
     return load
 
 
+BUCKET_ELEMENTS = 1 << 24
+
+
 def _all_reduce_flat(grads: List[torch.Tensor], group: Optional[dist.ProcessGroup], scale: float) -> None:
-    if not grads:
+    """Sum `grads` over `group` and multiply by `scale`, in place: flattened into fp32 buckets of at
+    most BUCKET_ELEMENTS elements (or one tensor when larger), so the transient copy stays a bucket
+    rather than all gradients; scaled in place without a copy when the group is this rank alone."""
+    if group is None or dist.get_world_size(group) == 1:
+        for g in grads:
+            g.mul_(scale)
         return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    if group is not None:
+    start = 0
+    while start < len(grads):
+        end, size = start + 1, grads[start].numel()
+        while end < len(grads) and size + grads[end].numel() <= BUCKET_ELEMENTS:
+            size += grads[end].numel()
+            end += 1
+        bucket = grads[start:end]
+        flat = torch.cat([g.reshape(-1).float() for g in bucket])
         dist.all_reduce(flat, group=group)
-    flat.mul_(scale)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+        flat.mul_(scale)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+        start = end
 
 
 @torch.no_grad()
@@ -153,9 +182,10 @@ def param_grad_norms(named: List[Tuple[str, torch.Tensor]], layout: ParallelLayo
 
 
 class ExpertParallel:
-    """What a training loop needs for expert parallelism, built on a full `Transformer`.
+    """What a training loop needs for expert parallelism, built on a `Transformer` (full, or holding
+    this rank's slice of the experts already, e.g. from `parallel.rank_model.build_rank_model`).
 
-    Construction shards the experts and installs the dispatcher (`layout.dispatcher`, FP8 payload
+    Construction shards the experts (when not yet done) and installs the dispatcher (`layout.dispatcher`, FP8 payload
     when `fp8`). Per step: `reduce_gradients`, `grad_norm` (global: the expert part is summed over
     the EP group, where each rank holds other experts), `expert_load` (summed over every rank that
     routes tokens); `traffic()` returns and resets the bytes sent by all ranks since the last call;
@@ -167,7 +197,7 @@ class ExpertParallel:
         self.dispatcher: ExpertParallelDispatcher = make_dispatcher(layout.dispatcher, layout.ep_group,
                                                                     layout.ranks_per_ep_node, fp8=fp8)
         shard_experts(model, layout.ep_rank, layout.ep, self.dispatcher)
-        self.device = next(model.parameters()).device
+        self.device = materialized_device(model)
 
     def reduce_gradients(self) -> None:
         reduce_gradients(self.model.named_parameters(), self.layout)

@@ -89,7 +89,7 @@ class Pipeline:
                         local_mtp_embedding=has_mtp and v_shaped, wire_dtype=wire_dtype)
             for s in rank_stages(self.pp_rank, self.pp, self.n_stages, schedule)]
         self.module = LocalModel(model, self.stage_modules)
-        weight = model.embed_tokens.weight
+        weight = next(self.module.parameters())
         self.device = weight.device
         self.stages = []
         for m in self.stage_modules:

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from model.config import ModelConfig
 from model.transformer import Transformer, next_token_losses
 
 DEFAULT_STAGES_PER_RANK = {"1f1b": 1, "interleaved_1f1b": 2, "zbv": 2, "dualpipev": 2}
@@ -101,6 +102,31 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: Optional[Sequen
     return out
 
 
+def stage_parts(stage: int, n_stages: int, layer_ids: Sequence[int], local_mtp_embedding: bool) -> List[str]:
+    """Names of the Transformer submodules a stage uses: `embed_tokens` on the first stage (and on the
+    last when it looks up the MTP embeddings itself), `layers.<i>`, and `norm`, `lm_head`, `mtp` on
+    the last."""
+    is_first, is_last = stage == 0, stage == n_stages - 1
+    parts = ["embed_tokens"] if is_first or (is_last and local_mtp_embedding) else []
+    parts += [f"layers.{i}" for i in layer_ids]
+    return parts + (["norm", "lm_head", "mtp"] if is_last else [])
+
+
+def rank_parts(cfg: ModelConfig, pp: int = 1, pp_rank: int = 0, schedule: str = "1f1b",
+               stages_per_rank: Optional[int] = None, layers_per_stage: Optional[Sequence[int]] = None) -> List[str]:
+    """Names of the Transformer submodules pipeline rank `pp_rank` holds, in model order (all of them
+    when pp = 1): the union of its stages' `stage_parts`, as `Pipeline` places them."""
+    every = ["embed_tokens", *(f"layers.{i}" for i in range(cfg.num_hidden_layers)), "norm", "lm_head", "mtp"]
+    if pp == 1:
+        return every
+    n_stages = pp * check_schedule(schedule, pp, stages_per_rank)
+    split = split_layers(cfg.num_hidden_layers, n_stages, layers_per_stage)
+    local_mtp_embedding = cfg.num_nextn_predict_layers > 0 and schedule in V_SHAPED
+    held = {p for s in rank_stages(pp_rank, pp, n_stages, schedule)
+            for p in stage_parts(s, n_stages, split[s], local_mtp_embedding)}
+    return [p for p in every if p in held]
+
+
 class StageModule(nn.Module):
     """One pipeline stage of a Transformer.
 
@@ -123,11 +149,11 @@ class StageModule(nn.Module):
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.carry_embedding = carry_embedding
         self.local_mtp_embedding = local_mtp_embedding
-        if self.is_first or (self.is_last and local_mtp_embedding):
-            self.embed_tokens = model.embed_tokens
+        self.parts = stage_parts(stage, n_stages, layer_ids, local_mtp_embedding)
+        for name in ("embed_tokens", "norm", "lm_head", "mtp"):
+            if name in self.parts:
+                setattr(self, name, getattr(model, name))
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
-        if self.is_last:
-            self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
         self.fused_head_loss = model.fused_head_loss
         self.rotary = model.rotary
         self.hidden_size = model.cfg.hidden_size
@@ -176,11 +202,12 @@ class LocalModel(nn.Module):
 
     def __init__(self, model: Transformer, stages: Sequence[StageModule]):
         super().__init__()
-        if any(s.is_first or s.is_last and s.local_mtp_embedding for s in stages):
+        parts = {p for s in stages for p in s.parts}
+        if "embed_tokens" in parts:
             self.embed_tokens = model.embed_tokens
         layers: Dict[str, nn.Module] = {}
         for s in stages:
             layers.update(s.layers.items())
         self.layers = nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
-        if any(s.is_last for s in stages):
+        if "lm_head" in parts:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from model.head_loss import head_logprobs
+from model.init import materialized_device
 from model.transformer import Transformer, lm_loss, maxvio
 
 from .data_parallel import Zero1
@@ -46,7 +47,7 @@ class PipelineParallel:
         self.n_microbatches, self.micro_batch = n_microbatches, micro_batch
         self.replicas = layout.dp * layout.ep
         self.replica = layout.dp_rank * layout.ep + layout.ep_rank
-        self.device = next(model.parameters()).device
+        self.device = materialized_device(model)
         self.pipe: Optional[Pipeline] = None
         if layout.pp > 1:
             self.pipe = Pipeline(model, pp_group=layout.pp_group, schedule=schedule, n_microbatches=n_microbatches,

@@ -185,7 +185,7 @@ def test_lm_loss_fused_equals_plain(monkeypatch, bf16, mtp, tied, chunked):
 
 def test_precision_setting_reaches_the_model():
     from training.config import compose_job, model_config
-    from training.loop import build_model
+    from training.build import build_model
 
     for overrides, expected in ((["precision=fp8"], True), (["precision=bf16"], False), (["precision=fp32"], False),
                                 (["precision=fp8", "precision.fused_head_loss=false"], False),

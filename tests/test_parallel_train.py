@@ -15,8 +15,10 @@ a different order grows into ~1e-3 loss differences within 20 steps even in one 
 normalizes each gradient element, so elements whose sum nearly cancels take visibly different steps;
 the drift then flips a token's expert at a near-tie of routing scores, and one token more or less
 can flip the sign of an expert's bias update (a gamma = 1e-3 jump, large next to the score gaps),
-which reroutes many tokens. So the job runs at lr 5e-4, and the test first checks that premise:
-one process with 4 micro-batches of 2 must stay within 1e-5 of one process with 1 micro-batch of 8.
+which reroutes many tokens. So the job runs at lr 3e-4, and the test first checks that premise:
+one process with 4 micro-batches of 2 must stay within 1e-5 of one process with 1 micro-batch of 8
+(at 5e-4 it held for the training losses, within 3e-6, but one validation token flipped experts at
+step 20 with the per-name initialization of model/init.py: 3.2e-5).
 """
 import json
 import shutil
@@ -27,7 +29,7 @@ from dist_launch import run_torchrun
 from train_helpers import assert_losses_close, build_corpus, job_args, read_metrics, run_train
 
 STEPS = 20
-JOB = (f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=null", "optim.lr=5e-4",
+JOB = (f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=null", "optim.lr=3e-4",
        "eval.every=10", "checkpoint.every=10")
 LAYOUTS = {
     "ep4_hierarchical": ["parallel.ep=4", "parallel.gpus_per_node=2"],

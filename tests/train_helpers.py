@@ -44,6 +44,15 @@ def job_args(corpus: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
             f"out_dir={out_dir}", *extra]
 
 
+def tiny_args(corpus: Dict[str, str], out_dir: Path, *extra: str) -> List[str]:
+    """Overrides of a short CPU job of the `tiny` model (with the corpus' vocabulary) on `corpus`."""
+    return ["data=shards", f"data.train_dir={corpus['train_dir']}", f"data.val_dir={corpus['val_dir']}",
+            f"data.tokenizer={corpus['tokenizer']}", "model=tiny", f"model.vocab_size={corpus['vocab_size']}",
+            "train.device=cpu", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=null",
+            "eval.batches=2", "eval.batch_size=8", "logging.every=1", "logging.wandb.mode=disabled",
+            "data.shuffle_tokens=2048", f"out_dir={out_dir}", *extra]
+
+
 def train_env() -> Dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_SILENT="true")
 

@@ -236,6 +236,7 @@ class JobConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     seed: int = 0
     out_dir: str = "outputs/train"
+    init_from: Optional[str] = None
     cache_dir: str = ".cache"
 
 
@@ -424,6 +425,9 @@ def _check_io(cfg: DictConfig) -> None:
         raise ConfigError(f"parallel.timeout_s must be > 0, got {cfg.parallel.timeout_s}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
+    if cfg.init_from is not None and not resolve_path(cfg.init_from, Path.cwd()).is_dir():
+        raise ConfigError(f"init_from={cfg.init_from} is not a directory (a Hugging Face model directory or a "
+                          f"checkpoint)")
     d = cfg.data
     _check_choice(d.name, DATA_KINDS, "data.name")
     if d.shuffle_tokens < 0:

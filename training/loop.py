@@ -16,7 +16,6 @@ saved config compared with the new one (training/run_config.py).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -28,19 +27,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.config import ModelConfig
 from model.flops import flops_per_token
-from model.transformer import Transformer
-from parallel.expert_parallel import ExpertParallel, shard_expert_state
-from parallel.mesh import build_layout
+from parallel.expert_parallel import shard_expert_state
 
 from . import checkpoint
+from .build import build_rank, expert_parallel, optimizer_factory, parallel_layout, pipeline_parallel
 from .checkpointer import Checkpointer
 from .ema import EMA
 from .config import ConfigError, batch_unit, data_parallel_size, micro_batch_size, resolve_path
 from .distributed import Dist
 from .hardware import memory_metrics, peak_tflops
+from .init_from import load_initial_weights
 from .inputs import Inputs, train_batches
 from .metrics import MetricsLogger, layer_records
-from .optim import DTYPES, AdamW, set_lr
+from .optim import set_lr
 from .profile import StepProfiler
 from .prefetch import BatchPrefetcher
 from .schedule import Schedules
@@ -93,73 +92,6 @@ def peak_flops(cfg: DictConfig, device: torch.device) -> Optional[float]:
     return tflops * 1e12 if tflops is not None else None
 
 
-def build_model(cfg: DictConfig, mcfg: ModelConfig, device: torch.device) -> Transformer:
-    """The seeded model on `device`: FP8 layers under precision=fp8, every parameter (not the buffers:
-    router bias, expert load, RoPE tables stay fp32) in `precision.param_dtype`."""
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(device)
-    model.fused_head_loss = cfg.precision.fused_head_loss
-    if cfg.precision.name == "fp8":
-        importlib.import_module("kernels.ops").set_backend(cfg.precision.fp8_backend, device)
-        importlib.import_module("model.fp8").apply_fp8(model)
-    dtype = DTYPES[cfg.precision.param_dtype]
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model.train()
-
-
-def optimizer_factory(cfg: DictConfig) -> Callable:
-    """`named_params -> optimizer`: the trainer's AdamW, or DeepSpeed's CPU Adam with optim.offload=cpu."""
-    o = cfg.optim
-    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                  decay_embeddings=o.decay_embeddings)
-    if o.offload == "cpu":
-        from .cpu_adam import CPUAdamW
-
-        return lambda named: CPUAdamW(named, **kwargs)
-    return lambda named: AdamW(named, moments_dtype=o.moments_dtype, **kwargs)
-
-
-def expert_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig,
-                    device: torch.device) -> Optional[ExpertParallel]:
-    """Shard the routed experts over `parallel.ep` ranks (None when ep = 1); see parallel/expert_parallel.py."""
-    par = cfg.parallel
-    if par.ep == 1:
-        return None
-    layout = build_layout(pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node,
-                          dispatcher=par.dispatcher, n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group,
-                          device_type=device.type)
-    return ExpertParallel(model, layout, fp8=cfg.precision.name == "fp8")
-
-
-def zero_enabled(cfg: DictConfig, dp: int) -> bool:
-    """`parallel.zero`, or when null whether `dp` (the ranks that split the batch, dp x ep) exceeds 1."""
-    return bool(cfg.parallel.zero) if cfg.parallel.zero is not None else dp > 1
-
-
-def pipeline_parallel(model: Transformer, cfg: DictConfig, mcfg: ModelConfig, device: torch.device,
-                      ep: Optional[ExpertParallel], make_optimizer: Callable, dp: int):
-    """Pipeline stages and/or ZeRO-1 and master weights (parallel/pipeline_training.py); None when pp = 1
-    without ZeRO, with fp32 parameters and no offload."""
-    par, t = cfg.parallel, cfg.train
-    offload = cfg.optim.offload == "cpu"
-    zero = zero_enabled(cfg, dp)
-    if par.pp == 1 and not zero and not offload and cfg.precision.param_dtype == "fp32":
-        return None
-    from parallel.pipeline_training import PipelineParallel
-
-    layout = ep.layout if ep is not None else build_layout(
-        pp=par.pp, dp=par.dp, ep=par.ep, gpus_per_node=par.gpus_per_node, dispatcher=par.dispatcher,
-        n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group, device_type=device.type)
-    layers = OmegaConf.to_container(par.layers_per_stage) if par.layers_per_stage is not None else None
-    micro = micro_batch_size(cfg, dp)
-    return PipelineParallel(model, layout, micro_batch=micro, seq_len=t.seq_len,
-                            n_microbatches=t.global_batch // (micro * dp), make_optimizer=make_optimizer,
-                            schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
-                            zero=zero, offload=offload,
-                            wire_dtype=None if cfg.precision.name == "fp32" else torch.bfloat16)
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, mcfg: ModelConfig, dist: Dist, inputs: Inputs):
         from data.dataset import shard_stats
@@ -167,10 +99,16 @@ class Trainer:
         self.cfg, self.mcfg, self.dist, self.inputs = cfg, mcfg, dist, inputs
         self.out_dir = resolve_path(cfg.out_dir, Path.cwd())
         self.dp = data_parallel_size(cfg, dist.world)
-        self.model = build_model(cfg, mcfg, dist.device)
-        self.ep = expert_parallel(self.model, cfg, mcfg, dist.device)
+        layout = parallel_layout(cfg, mcfg, dist.device, self.dp)
+        rank = build_rank(cfg, mcfg, dist.device, layout)
+        self.model = rank.model
+        self.initialized_from: Optional[Path] = None
+        self.init_from_skipped = bool(cfg.init_from) and bool(checkpoint.list_checkpoints(self.out_dir / "checkpoints"))
+        if cfg.init_from and not self.init_from_skipped:
+            self.initialized_from = load_initial_weights(rank, resolve_path(cfg.init_from, Path.cwd()), mcfg, layout)
+        self.ep = expert_parallel(self.model, cfg, layout)
         make_optimizer = optimizer_factory(cfg)
-        self.par = pipeline_parallel(self.model, cfg, mcfg, dist.device, self.ep, make_optimizer, self.dp)
+        self.par = pipeline_parallel(self.model, cfg, layout, make_optimizer, self.dp)
         self.optimizer = self.par.optimizer if self.par else make_optimizer(self.model.named_parameters())
         self.micro_batch = micro_batch_size(cfg, self.dp)
         self.schedules = Schedules(cfg.optim, cfg.train, batch_unit(cfg, self.dp))
