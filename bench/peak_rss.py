@@ -1,11 +1,12 @@
 """Peak resident memory (VmHWM) of a command run in this process, above the peak after its imports.
 
-    python -m bench.peak_rss [--preload MOD[,MOD...]] -- (MODULE | SCRIPT.py) [ARG...]
+    python -m bench.peak_rss [--preload MOD[,MOD...]] [--out DIR] -- (MODULE | SCRIPT.py) [ARG...]
 
 Imports the `--preload` modules, records VmHWM (the baseline: the peak of a process that only
 imports them), runs MODULE (as `python -m MODULE`) or SCRIPT.py with ARG..., and prints one line
-`PEAK_RSS {"rank", "base_kib", "peak_kib", "rc"}` when it ends (rank from $RANK under torchrun), then
-exits with its status. Used by the memory tests of rank-local construction and streaming conversion
+`PEAK_RSS {"rank", "base_kib", "peak_kib", "rc"}` when it ends (rank from $RANK under torchrun), also
+written to DIR/peak_rss_<rank>.json with `--out` (ranks' stdout lines may interleave), then exits
+with its status. Used by the memory tests of rank-local construction and streaming conversion
 (tests/test_rank_memory.py, tests/test_init_from.py) and by `bench.hf_convert`.
 """
 from __future__ import annotations
@@ -27,13 +28,14 @@ def vm_hwm_kib() -> int:
 
 
 def main(argv) -> int:
-    preload = []
-    if argv[:1] == ["--preload"]:
-        preload, argv = argv[1].split(","), argv[2:]
+    options = {}
+    while argv[:1] in (["--preload"], ["--out"]) and len(argv) > 1:
+        options[argv[0]], argv = argv[1], argv[2:]
     if argv[:1] != ["--"] or len(argv) < 2:
-        print("usage: python -m bench.peak_rss [--preload MOD[,MOD...]] -- (MODULE | SCRIPT.py) [ARG...]",
-              file=sys.stderr)
+        print("usage: python -m bench.peak_rss [--preload MOD[,MOD...]] [--out DIR] -- (MODULE | SCRIPT.py) "
+              "[ARG...]", file=sys.stderr)
         return 2
+    preload = options["--preload"].split(",") if "--preload" in options else []
     target, args = argv[1], argv[2:]
     for module in preload:
         importlib.import_module(module)
@@ -48,8 +50,11 @@ def main(argv) -> int:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as stop:
         rc = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    print("PEAK_RSS " + json.dumps({"rank": int(os.environ.get("RANK", "0")), "base_kib": base,
-                                    "peak_kib": vm_hwm_kib(), "rc": rc}), flush=True)
+    rank = int(os.environ.get("RANK", "0"))
+    line = json.dumps({"rank": rank, "base_kib": base, "peak_kib": vm_hwm_kib(), "rc": rc})
+    if "--out" in options:
+        Path(options["--out"], f"peak_rss_{rank}.json").write_text(line)
+    print("PEAK_RSS " + line, flush=True)
     return rc
 
 

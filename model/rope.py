@@ -15,9 +15,11 @@ from .config import ModelConfig, yarn_mscale
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tuple[torch.Tensor, float]:
-    """Inverse frequencies [rope_dim/2] (fp32) and the cos/sin magnitude (YaRN attention factor)."""
+    """Inverse frequencies [rope_dim/2] (fp32, on the CPU even under a meta default device: they are
+    tiny, and computing them on meta would load torch's Python decompositions) and the cos/sin
+    magnitude (YaRN attention factor)."""
     dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq = 1.0 / pos_freqs
     yarn = cfg.yarn
     if yarn is None:
@@ -41,7 +43,7 @@ def rope_inv_freq(cfg: ModelConfig) -> Tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
     return inv_freq, float(magnitude)

@@ -33,7 +33,10 @@ class Transformer(nn.Module):
         (see `model.init.materialize`); otherwise `init_weights(seed=seed)`."""
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # an explicit weight skips nn.Embedding's own init (init_weights draws it; on the meta device
+        # its normal_ would load torch's Python decompositions, ~130 MB of host memory)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

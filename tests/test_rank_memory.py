@@ -23,22 +23,25 @@ def _job(corpus, out_dir, *extra):
                      "train.seq_len=16", "eval.batches=1", *extra)
 
 
-def _peaks(output: str):
-    return [json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("PEAK_RSS ")]
+def _peaks(out_dir):
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("peak_rss_*.json"))]
 
 
 def test_each_expert_parallel_rank_holds_its_share(tmp_path):
     corpus = build_corpus(tmp_path / "corpus")
-    measure = [sys.executable, "-m", "bench.peak_rss", "--preload", PRELOAD, "--", "train.py"]
+    (tmp_path / "rss_one").mkdir()
+    (tmp_path / "rss_ep8").mkdir()
+    measure = [sys.executable, "-m", "bench.peak_rss", "--preload", PRELOAD, "--out", str(tmp_path / "rss_one"),
+               "--", "train.py"]
     one = subprocess.run([*measure, *_job(corpus, tmp_path / "one")], cwd=ROOT, env=train_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "-m",
-              "bench.peak_rss", "--preload", PRELOAD, "--", "train.py"]
+              "bench.peak_rss", "--preload", PRELOAD, "--out", str(tmp_path / "rss_ep8"), "--", "train.py"]
     ep = subprocess.run([*launch, *_job(corpus, tmp_path / "ep8", "parallel.ep=8")], cwd=ROOT, env=train_env(),
                         capture_output=True, text=True, timeout=600)
     assert ep.returncode == 0, ep.stdout[-3000:] + ep.stderr[-3000:]
-    (single,), ranks = _peaks(one.stdout), _peaks(ep.stdout)
+    (single,), ranks = _peaks(tmp_path / "rss_one"), _peaks(tmp_path / "rss_ep8")
     assert sorted(r["rank"] for r in ranks) == list(range(8)) and all(r["rc"] == 0 for r in ranks)
     whole = single["peak_kib"] - single["base_kib"]
     shares = {r["rank"]: round((r["peak_kib"] - r["base_kib"]) / whole, 3) for r in ranks}
