@@ -66,7 +66,8 @@ def test_initial_values_depend_on_seed_and_name_only(cfg):
     # distinct draws per tensor and per expert, at the configured std
     w = a.layers["1"].mlp.experts.gate_up_proj
     assert not torch.equal(w[0], w[1])
-    assert not torch.equal(a.layers["0"].self_attn.q_a_proj.weight[:8, :8], a.layers["1"].self_attn.q_a_proj.weight[:8, :8])
+    q0, q1 = (a.layers[i].self_attn.q_a_proj.weight[:8, :8] for i in ("0", "1"))
+    assert not torch.equal(q0, q1)
     assert abs(w.std().item() - cfg.initializer_range) < 1e-4
     assert torch.equal(a.layers["1"].mlp.gate.e_score_correction_bias, torch.zeros(cfg.n_routed_experts))
 
@@ -80,3 +81,29 @@ def test_fp8_and_meta_builds(cfg):
     assert all(p.device.type == "meta" for p in meta.model.parameters())
     assert meta.numel() == plain.numel()
     assert meta.model.layers["3"].mlp.experts.gate_up_proj.shape[0] == cfg.n_routed_experts // 2
+
+
+@pytest.mark.parametrize("pp_rank", [0, 7, 15])
+def test_v3_671b_report_layout_ranks_hold_the_planned_parameters(pp_rank):
+    """The report's layout (pp=16 DualPipeV x ep=64 x dp=2), built on meta without a process group:
+    rank 0 (first stage, and the last with MTP), a middle rank and rank 15 (the bottom of the V)
+    would materialize exactly the planner's per-rank count, only their stages' layers and only their
+    own 4 of the 256 experts of each MoE layer."""
+    from parallel.memory import Layout, rank_param_counts
+    from parallel.pipeline_stages import rank_stages, split_layers
+
+    cfg = model_config(compose_job(["model=v3_671b"]))
+    planned = rank_param_counts(cfg, Layout(pp=16, dp=2, ep=64, schedule="dualpipev"))[pp_rank]
+    split = split_layers(cfg.num_hidden_layers, 32)
+    layers = {i for s in rank_stages(pp_rank, 16, 32, "dualpipev") for i in split[s]}
+    for ep_rank in (0, 37):
+        rank = build_rank_model(cfg, seed=SEED, device="meta", pp=16, pp_rank=pp_rank, ep=64, ep_rank=ep_rank,
+                                schedule="dualpipev")
+        assert rank.numel() == planned["dense"] + planned["experts"]
+        own = rank.named_parameters()
+        assert {int(n.split(".")[1]) for n in own if n.startswith("layers.")} == layers
+        assert ("embed_tokens.weight" in own) == ("lm_head.weight" in own) == ("mtp.0.eh_proj.weight" in own) \
+            == (pp_rank == 0)
+        experts = [m for n, m in rank.model.named_modules() if n.endswith("mlp.experts") and (
+            n.startswith("mtp.") and pp_rank == 0 or n.startswith("layers.") and int(n.split(".")[1]) in layers)]
+        assert experts and all(m.gate_up_proj.shape[0] == 4 and m.expert_offset == 4 * ep_rank for m in experts)
