@@ -84,9 +84,13 @@ def import_hf(hf_dir: PathLike, checkpoint_dir: PathLike) -> Path:
         model = Transformer(reader.cfg)
     dtypes = {name: t.dtype for name, t in model.state_dict().items()}
 
+    total = sum(torch.Size(reader.shapes[name]).numel() * dtypes[name].itemsize for name in reader.names())
+    bar = _progress(total, "import")
+
     def build(name: str) -> torch.Tensor:
         out = torch.empty(reader.shapes[name], dtype=dtypes[name])
         reader.fill(name, out)
+        bar.update(out.nbytes)
         return out
 
     placeholders = {name: torch.zeros((), dtype=dtypes[name]).expand(reader.shapes[name]) for name in reader.names()}
@@ -96,10 +100,20 @@ def import_hf(hf_dir: PathLike, checkpoint_dir: PathLike) -> Path:
         # one file per tensor: DCP's writer keeps every tensor of a file alive until the file is done
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False)
         dcp.save({"model": placeholders}, storage_writer=writer, planner=_BuildOnWrite(build), no_dist=True)
+    bar.close()
     (checkpoint_dir / "model_config.json").write_text(json.dumps(reader.cfg.to_dict(), indent=2))
     copy_tokenizer_files(hf_dir, checkpoint_dir / "tokenizer")
     (checkpoint_dir / "meta.json").write_text(json.dumps({"step": 0, "source": str(hf_dir.resolve())}))
     return checkpoint_dir
+
+
+def _progress(total_bytes: int, desc: str):
+    """A tqdm bar on stderr over the tensor bytes a conversion reads or writes (hidden when stderr is
+    not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"model.hf {desc}", file=sys.stderr,
+                disable=None)
 
 
 # ---------------------------------------------------------------- writing
@@ -134,12 +148,16 @@ def write_hf(hf_dir: PathLike, cfg: ModelConfig, shapes: Sequence[Tuple[str, Seq
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
     stream = iter(tensors)
+    bar = _progress(total, "export")
     for fname, shard in zip(names, shards):
         writer = ShardWriter(hf_dir / fname, shard, {"format": "pt"})
         with writer:
             for name, out, _ in shard:
                 got, tensor = next(stream)
-                writer.write(got, tensor.detach().to(out))
+                converted = tensor.detach().to(out)
+                writer.write(got, converted)
+                bar.update(converted.nbytes)
+    bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (hf_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (hf_dir / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2))

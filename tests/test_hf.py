@@ -319,3 +319,26 @@ def test_clear_errors(exported, tmp_path):
     _rewrite_shard(shape, lambda t: t.update({"model.embed_tokens.weight": torch.zeros(3, 3)}))
     with pytest.raises(ValueError, match="model.embed_tokens.weight .* has shape \\(3, 3\\)"):
         load_hf_model(shape)
+
+
+def test_import_and_export_report_progress_over_all_tensor_bytes(tmp_path, monkeypatch):
+    """`model.hf import` and `export` advance a progress bar by every tensor byte they read or write."""
+    import io
+
+    from tqdm import tqdm
+
+    import model.hf as hf
+
+    bars = []
+
+    def recording_bar(total_bytes, desc):
+        bars.append(tqdm(total=total_bytes, desc=f"model.hf {desc}", file=io.StringIO(), disable=False))
+        return bars[-1]
+
+    monkeypatch.setattr(hf, "_progress", recording_bar)
+    ours = our_model(our_config("no_qlora_two_dense"))
+    export_hf(ours, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    exported = sum(t.nbytes for s in (tmp_path / "hf").glob("*.safetensors") for t in load_file(str(s)).values())
+    assert [bar.desc for bar in bars] == ["model.hf export", "model.hf import"]
+    assert all(bar.total == bar.n == exported for bar in bars), [(b.desc, b.n, b.total, exported) for b in bars]
