@@ -7,10 +7,13 @@ dense SwiGLU, the shared and the routed experts) on the "meta" device with the T
 records every kernel launch instead of running it (`kernels.triton.launch`), compiles each
 distinct specialization for each architecture (`kernels.aot`) and prints, per kernel and the
 launches that use it: registers, stack bytes (spills), shared memory, warps, the tensor-core
-instruction, pipelined operand loads and resident CTAs per SM. Exit status 1 when a kernel spills
-or a GEMM lacks the architecture's tensor-core instruction or pipelined loads.
+instruction, pipelined operand loads and resident CTAs per SM, with the GEMM configuration (tile,
+stages, launch order: `kernels.triton.configs`). Exit status 1 when a kernel spills or a GEMM lacks
+the architecture's tensor-core instruction or pipelined loads. With --candidates it compiles every
+configuration the autotuner may pick (`python -m kernels.autotune`) on one launch of its GEMM kind.
 
     python -m kernels.inspect [--arch 90,100] [--model v3_671b[,tiny]] [--tokens 4096[,100]] [--experts-per-rank 8]
+                              [--candidates]
 """
 from __future__ import annotations
 
@@ -104,17 +107,54 @@ def record_launches(cfg: dict, tokens: int, experts_per_rank: int) -> List[Tuple
     return out
 
 
-def inspect(cfg: dict, tokens: int, experts_per_rank: int, archs: List[int]) -> List[dict]:
-    """One row per (kernel specialization, architecture): its launches and what it compiled to."""
+def gemm_kind(launch) -> str:
+    """The `kernels.triton.configs` kind of a recorded GEMM launch ("" for a quantization kernel)."""
+    name, meta = launch.kernel.__name__, launch.meta
+    if name == "_gemm_grouped_k_kernel":
+        return "wgrad_grouped"
+    if name == "_gemm_kernel":
+        return ("fprop" if meta["B_BLOCK"] else "wgrad") + ("_grouped" if meta["GROUPED"] else "")
+    return ""
+
+
+def _config(meta: dict) -> str:
+    if "GROUP_M" not in meta:
+        return "-"
+    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']} w{meta['num_warps']} s{meta['num_stages']} g{meta['GROUP_M']}"
+
+
+def _compile_rows(labelled, archs: List[int]) -> List[dict]:
     from .aot import compile_launch
     rows: Dict[Tuple, dict] = {}
-    for label, launch in record_launches(cfg, tokens, experts_per_rank):
+    for label, launch in labelled:
         for arch in archs:
             c = compile_launch(launch.kernel, launch.args, launch.meta, arch)
             key = (launch.kernel.__name__, arch, id(c))
-            row = rows.setdefault(key, {"kernel": launch.kernel.__name__, "compiled": c, "launches": []})
+            row = rows.setdefault(key, {"kernel": launch.kernel.__name__, "compiled": c, "launches": [],
+                                        "config": _config(launch.meta)})
             row["launches"].append(label)
     return list(rows.values())
+
+
+def inspect(cfg: dict, tokens: int, experts_per_rank: int, archs: List[int]) -> List[dict]:
+    """One row per (kernel specialization, architecture): its launches and what it compiled to."""
+    return _compile_rows(record_launches(cfg, tokens, experts_per_rank), archs)
+
+
+def inspect_candidates(cfg: dict, tokens: int, experts_per_rank: int, archs: List[int]) -> List[dict]:
+    """Rows of every autotuning candidate (`configs.CANDIDATES`) other than its kind's default, each
+    compiled on the first launch of its kind (the defaults are what `inspect` compiles)."""
+    from .triton.configs import CANDIDATES, DEFAULTS, forced
+    labelled = []
+    for kind, candidates in CANDIDATES.items():
+        for candidate in candidates:
+            if candidate == DEFAULTS[kind]:
+                continue
+            with forced({kind: candidate}):
+                label, launch = next((lb, ln) for lb, ln in record_launches(cfg, tokens, experts_per_rank)
+                                     if gemm_kind(ln) == kind)
+            labelled.append((f"{kind} candidate: {label}", launch))
+    return _compile_rows(labelled, archs)
 
 
 def problems(row: dict) -> List[str]:
@@ -132,13 +172,13 @@ def problems(row: dict) -> List[str]:
 
 def format_table(rows: List[dict]) -> str:
     """Markdown table of the rows."""
-    lines = ["| kernel | sm | regs | stack B | smem KiB | warps | tensor core | pipelined | CTAs/SM | launches | problems |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(rows, key=lambda r: (r["kernel"], r["compiled"].arch)):
+    lines = ["| kernel | config | sm | regs | stack B | smem KiB | warps | tensor core | pipelined | CTAs/SM | launches "
+             "| problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["compiled"].arch)):
         c = row["compiled"]
         names = sorted(set(row["launches"]))
         shown = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
-        lines.append(f"| {row['kernel']} | {c.arch} | {c.registers} | {c.stack} | {c.shared / 1024:.1f} | "
+        lines.append(f"| {row['kernel']} | {row['config']} | {c.arch} | {c.registers} | {c.stack} | {c.shared / 1024:.1f} | "
                      f"{c.num_warps} | {'yes' if c.tensor_core else 'no'} | {'yes' if c.pipelined else 'no'} | "
                      f"{c.occupancy} | {shown} | {'; '.join(problems(row)) or 'ok'} |")
     return "\n".join(lines)
@@ -157,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="v3_671b", help="configs/model/<name>.yaml or YAML paths, comma-separated")
     parser.add_argument("--tokens", default="4096", help="tokens per micro-batch (GEMM M), one or one per model")
     parser.add_argument("--experts-per-rank", type=int, default=8, help="routed experts per expert-parallel rank")
+    parser.add_argument("--candidates", action="store_true",
+                        help="compile the autotuner's candidate configurations instead (one launch per GEMM kind)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernels.inspect: unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
@@ -169,8 +211,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"kernels.inspect: --tokens {args.tokens}: give one value or one per model ({len(models)})")
     failed = 0
     for model, m in zip(models, tokens * len(models) if len(tokens) == 1 else tokens):
-        rows = inspect(load_model_config(model), m, args.experts_per_rank, archs)
-        print(f"# {model}, {m} tokens, {args.experts_per_rank} experts per rank")
+        rows = (inspect_candidates if args.candidates else inspect)(load_model_config(model), m,
+                                                                     args.experts_per_rank, archs)
+        print(f"# {model}, {m} tokens, {args.experts_per_rank} experts per rank"
+              + (", autotuning candidates" if args.candidates else ""))
         print(format_table(rows))
         bad = [r for r in rows if problems(r)]
         if bad:

@@ -142,6 +142,53 @@ def check_grouped_gemms():
     assert not out[0].any() and not out[4].any(), "experts without rows get zero gradients"
 
 
+def _integer_fp8(shape, scale_shape):
+    """FP8 data holding integers |v| <= 16 (exact in E4M3) with arbitrary positive fp32 scales: every
+    128-wide block product sums exactly in fp32 in any order, so a kernel applying the scales per block
+    as the reference does must agree with it bit for bit."""
+    data = torch.randint(-16, 17, shape).float().to(torch.float8_e4m3fn)
+    return data.to(DEVICE), (torch.rand(scale_shape) * 4 + 0.01).to(DEVICE)
+
+
+def _bounds(counts):
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [(end - c, end) for c, end in zip(counts, ends)]
+
+
+def check_persistent_grouped_gemms_bit_exact():
+    """Expert Fprop/Dgrad and the grouped-K Wgrad walk only real tiles: per expert the result equals the
+    reference `fp8_gemm` of that expert's rows (per-128 promotion) bit for bit, whatever the number of
+    programs and the tile configuration, with empty experts and skewed counts."""
+    from kernels import fp8, groups, triton as tk
+    from kernels.triton import configs, gemm
+    N, K = 150, 300
+    cases = [[0, 300, 1, 0, 129, 2], [0, 0, 260, 0], [5], [0, 0, 0]]
+    variants = [(1, {}, torch.float32), (7, {"fprop_grouped": configs.GemmConfig(64, 128, 8, 4, 8),
+                                             "wgrad_grouped": configs.GemmConfig(64, 64, 4, 4, 1)}, torch.bfloat16)]
+    for counts in cases:
+        E, T = len(counts), sum(counts)
+        a = _integer_fp8((T, K), (T, fp8.cdiv(K, 128)))
+        b = _integer_fp8((E, N, K), (E, fp8.cdiv(N, 128), fp8.cdiv(K, 128)))
+        NB = groups.blocks_bound(T, E, 128)
+        ga = _integer_fp8((N, 128 * NB), (N, NB))
+        gb = _integer_fp8((K // 2, 128 * NB), (K // 2, NB))
+        off = groups.block_offsets(torch.tensor(counts), 128).tolist()
+        for programs, forced, dtype in variants:
+            gemm.INTERPRETER_PROGRAMS = programs
+            with configs.forced(forced):
+                out = tk.fp8_gemm_grouped_m(*a, *b, counts, dtype)
+                assert out.shape == (T, N) and out.dtype == dtype
+                for e, (lo, hi) in enumerate(_bounds(counts)):
+                    want = fp8.fp8_gemm(a[0][lo:hi], a[1][lo:hi], b[0][e], b[1][e], dtype)
+                    _same_bits(out[lo:hi], want, f"grouped fprop {counts} expert {e} {programs} programs {dtype}")
+                wgrad = tk.fp8_gemm_grouped_k(*ga, *gb, counts)
+            for e in range(E):
+                cols, blks = slice(128 * off[e], 128 * off[e + 1]), slice(off[e], off[e + 1])
+                want = fp8.fp8_gemm(ga[0][:, cols], ga[1][:, blks], gb[0][:, cols], gb[1][:, blks], torch.float32)
+                _same_bits(wgrad[e], want, f"grouped wgrad {counts} expert {e} {programs} programs")
+    gemm.INTERPRETER_PROGRAMS = 3
+
+
 def _same_bits_or_nan(a, b, what):
     """Bit-equal, except that a NaN scale may have any NaN payload."""
     if a.dtype == torch.float32:

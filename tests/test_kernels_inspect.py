@@ -6,6 +6,7 @@ tensor-core instruction and pipelined operand loads in every GEMM. TRITON_INTERP
 environment: the interpreter's kernels cannot be compiled.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,21 @@ def test_fp8_kernels_compile_without_spills_with_tensor_cores_and_pipelined_load
     for kernel in ("_gemm_kernel", "_gemm_grouped_k_kernel", "_quant_1x128_kernel", "_quant_128x128_kernel",
                    "_quant_128x1_kernel"):
         for arch in (90, 100):
-            assert f"| {kernel} | {arch} |" in out, f"{kernel} not compiled for sm_{arch}"
+            assert re.search(rf"^\| {kernel} \| [^|]+ \| {arch} \|", out, re.M), f"{kernel} not compiled for sm_{arch}"
     bad = [line for line in out.splitlines() if line.startswith("| _") and not line.endswith("| ok |")]
+    assert proc.returncode == 0 and not bad, "\n".join(bad) + proc.stderr[-2000:]
+
+
+def test_autotuning_candidates_compile_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-m", "kernels.inspect", "--arch", "90,100", "--model", "tiny",
+                           "--tokens", "100", "--candidates"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    from kernels.triton.configs import CANDIDATES, DEFAULTS
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| _")]
+    for kind, candidates in CANDIDATES.items():
+        tried = sum(c != DEFAULTS[kind] for c in candidates)
+        assert sum(f"| {kind} candidate: " in row for row in rows) == 2 * tried, f"{kind}: candidates missing"
+    bad = [row for row in rows if not row.endswith("| ok |")]
     assert proc.returncode == 0 and not bad, "\n".join(bad) + proc.stderr[-2000:]
