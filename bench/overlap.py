@@ -11,6 +11,9 @@ times training steps without and with the delay, alternately in the same process
 
 1.0 means every injected millisecond lengthened the step (nothing hidden), 0 means all of it was
 hidden behind computation. Operations per step are those this rank started (mean over ranks).
+`dualpipev` overlaps the forward and backward chunks of its OVERLAP_F_B actions
+(parallel/pipeline_overlap.py); `dualpipev_sequential` is the same schedule with
+`parallel.overlap=false`, which runs them one after the other.
 `python -m bench.overlap` launches itself under torchrun and prints one JSON line per schedule:
 {"bench": "overlap", "case": <schedule and sizes>, "unit": "exposed fraction", "ours": f,
  "peer": "nothing hidden", "peer_value": 1.0, "ratio": f}, plus the per-repeat fractions in `runs`.
@@ -28,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev", "dualpipev_sequential")
 ROOT = Path(__file__).resolve().parents[1]
+REPLICAS = 2  # the two expert-parallel ranks of each pipeline stage read different rows of the batch
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -38,7 +42,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed step pairs (without, with delay)")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated subset of " + ", ".join(SCHEDULES))
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--microbatches", type=int, default=8, help="DualPipeV needs >= 2 x pp")
+    parser.add_argument("--microbatches", type=int, default=8,
+                        help="micro-batches per pipeline and step (DualPipeV needs >= 2 x pp)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.schedules.split(",")) - set(SCHEDULES))
     if unknown:
@@ -64,8 +69,10 @@ def measure(schedule: str, args: argparse.Namespace, dist_state, out_root: Path)
     from training.inputs import prepare_inputs
     from training.loop import Trainer
 
-    cfg = compose_job(["model=tiny", "parallel.pp=2", "parallel.ep=2", f"parallel.schedule={schedule}",
-                       f"train.seq_len={args.seq_len}", f"train.global_batch={args.microbatches}",
+    name, overlap = (schedule[:-len("_sequential")], "false") if schedule.endswith("_sequential") else (schedule, "true")
+    cfg = compose_job(["model=tiny", "parallel.pp=2", "parallel.ep=2", f"parallel.schedule={name}",
+                       f"parallel.overlap={overlap}",
+                       f"train.seq_len={args.seq_len}", f"train.global_batch={args.microbatches * REPLICAS}",
                        "train.micro_batch=1", "logging.wandb.mode=disabled", f"out_dir={out_root / schedule}"])
     mcfg = validate(cfg, dist_state.world)
     trainer = Trainer(cfg, mcfg, dist_state, prepare_inputs(cfg, mcfg))

@@ -25,6 +25,7 @@ from kernels.linear import backward_phase
 from model.moe import MoE, set_balance_loss_weight, stacked_expert_load, update_router_biases
 from model.transformer import Transformer, maxvio
 
+from .pipeline_overlap import DualPipeOverlap
 from .pipeline_schedules import SCHEDULE_CLASSES, check_microbatches
 from .pipeline_stages import V_SHAPED, LocalModel, StageModule, check_schedule, rank_stages, split_layers, stage_rank
 
@@ -64,12 +65,14 @@ class Pipeline:
     count router load and run expert all-to-alls). Only `module` (this rank's stages) is used; the
     rest of the `model` passed in is not touched and can be dropped by the caller. `wire_dtype`:
     the dtype activations and their gradients travel in between stages (StageModule; None: fp32).
+    `overlap` (dualpipev only): run each OVERLAP_F_B action's forward and backward chunks interleaved
+    (`pipeline_overlap.DualPipeOverlap`, Figure 4 of the report); False runs them one after the other.
     """
 
     def __init__(self, model: Transformer, *, pp_group: dist.ProcessGroup, schedule: str, n_microbatches: int,
                  micro_batch: int, seq_len: int, stages_per_rank: Optional[int] = None,
                  layers_per_stage: Optional[Sequence[int]] = None, mtp_weight: float = 0.3,
-                 wire_dtype: Optional[torch.dtype] = None):
+                 wire_dtype: Optional[torch.dtype] = None, overlap: bool = True):
         cfg = self.cfg = model.cfg
         self.pp_group = pp_group
         self.pp, self.pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
@@ -101,6 +104,8 @@ class Pipeline:
         self.schedule = cls(self.stages[0] if schedule == "1f1b" else self.stages, n_microbatches,
                             loss_fn=self._loss, scale_grads=False)
         self._last_rank = dist.get_global_rank(pp_group, stage_rank(self.n_stages - 1, self.pp, schedule))
+        self.overlap = (DualPipeOverlap(self.schedule, self.stage_modules, self.pp)
+                        if overlap and schedule == "dualpipev" else None)
 
     @property
     def mtp_weight(self) -> float:

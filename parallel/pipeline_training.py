@@ -35,14 +35,15 @@ class PipelineParallel:
     `zero` it runs on ZeRO-1 shards. Parameters that are not fp32, or `offload` (host-memory state),
     need fp32 master weights: `parallel.data_parallel.Zero1` then holds them, sharded with `zero`,
     whole on every rank without. `wire_dtype`: dtype of the activations sent
-    between pipeline stages (bf16 under bf16 autocast and FP8). Experts must already be sharded (`ExpertParallel`) when ep > 1.
+    between pipeline stages (bf16 under bf16 autocast and FP8); `overlap`: DualPipeV's overlapped
+    forward and backward (parallel/pipeline_overlap.py). Experts must already be sharded (`ExpertParallel`) when ep > 1.
     """
 
     def __init__(self, model: Transformer, layout: ParallelLayout, *, micro_batch: int, seq_len: int,
                  n_microbatches: int, make_optimizer: Callable[[List[Tuple[str, torch.nn.Parameter]]], Any],
                  schedule: str = "1f1b", stages_per_rank: Optional[int] = None,
                  layers_per_stage: Optional[Sequence[int]] = None, zero: bool = False, offload: bool = False,
-                 wire_dtype: Optional[torch.dtype] = None):
+                 wire_dtype: Optional[torch.dtype] = None, overlap: bool = True):
         self.model, self.layout = model, layout
         self.n_microbatches, self.micro_batch = n_microbatches, micro_batch
         self.replicas = layout.dp * layout.ep
@@ -52,7 +53,8 @@ class PipelineParallel:
         if layout.pp > 1:
             self.pipe = Pipeline(model, pp_group=layout.pp_group, schedule=schedule, n_microbatches=n_microbatches,
                                  micro_batch=micro_batch, seq_len=seq_len, stages_per_rank=stages_per_rank,
-                                 layers_per_stage=layers_per_stage, wire_dtype=wire_dtype)
+                                 layers_per_stage=layers_per_stage, wire_dtype=wire_dtype,
+                                 overlap=overlap)
         self.module = self.pipe.module if self.pipe is not None else model
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.named = named

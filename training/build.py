@@ -108,4 +108,5 @@ def pipeline_parallel(model: Transformer, cfg: DictConfig, layout: Optional[Para
                             n_microbatches=t.global_batch // (micro * dp), make_optimizer=make_optimizer,
                             schedule=par.schedule, stages_per_rank=par.stages_per_rank, layers_per_stage=layers,
                             zero=zero_enabled(cfg, dp), offload=cfg.optim.offload == "cpu",
-                            wire_dtype=None if cfg.precision.name == "fp32" else torch.bfloat16)
+                            wire_dtype=None if cfg.precision.name == "fp32" else torch.bfloat16,
+                            overlap=par.overlap)

@@ -75,6 +75,9 @@ class ParallelConfig:
     parallel/pipeline_stages.py). `zero`: ZeRO-1 optimizer-state sharding (parallel/data_parallel.py);
     null: on when more than one rank splits the batch (dp x ep > 1), as DeepSeek-V3 trains (section 3.2).
     `timeout_s`: a collective that waits longer (a rank died or hangs) fails with an error.
+    `overlap` (schedule=dualpipev): the forward and backward chunks of each overlapped action
+    interleave at the MoE layers' dispatch and combine (parallel/pipeline_overlap.py); false runs
+    them one after the other. Results are bitwise the same.
     """
     pp: int = 1
     dp: Optional[int] = None
@@ -86,6 +89,7 @@ class ParallelConfig:
     layers_per_stage: Optional[List[int]] = None
     zero: Optional[bool] = None
     timeout_s: float = 600.0
+    overlap: bool = True
 
 
 @dataclass
