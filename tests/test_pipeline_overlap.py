@@ -10,7 +10,7 @@ from tests.dist_launch import run_torchrun
 
 def test_overlap_changes_no_result_pp2_ep2():
     # One launch: every schedule with and without overlap, DualPipeV also in bf16 autocast.
-    output = run_torchrun("dist_overlap.py", 4)
+    output = run_torchrun("dist_pipeline_overlap.py", 4)
     assert "OVERLAP OK" in output, output[-4000:]
     lines = [line for line in output.splitlines() if "bitwise equal" in line]
     assert len(lines) == 5, "\n".join(lines)
