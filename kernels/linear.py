@@ -146,9 +146,9 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 counts: Optional[torch.Tensor], pow2: bool, row_weight: Optional[torch.Tensor],
-                weight_sources) -> torch.Tensor:
+                weight_sources, x_fp8: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         out_dtype = _out_dtype(x)
-        xq, xs = ops.quantize_1x128(x, pow2)
+        xq, xs = ops.quantize_1x128(x, pow2) if x_fp8 is None else x_fp8
         gu8 = fp8_weight(w_gate_up, pow2, weight_sources[0])
         d8 = fp8_weight(w_down, pow2, weight_sources[1])
         gu = ops.fp8_gemm_grouped_m(xq, xs, gu8.data, gu8.scale, counts, out_dtype)
@@ -173,7 +173,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         stash = getattr(ctx, "wgrad_operands", None)
         if stash is not None and want_dw and not want_dx:  # weight phase after an input phase
             ctx.wgrad_operands = None
-            return (None, *FP8SwiGLUExpertsFunction._weight_grads(ctx, *stash), None, None, None, None)
+            return (None, *FP8SwiGLUExpertsFunction._weight_grads(ctx, *stash), None, None, None, None, None)
         xq, xs, gu_q, gu_s, w_gate_up, w_down, row_weight = ctx.saved_tensors
         w_gate_up, w_down = (_rebuilt(w, src, shape) for w, src, shape
                              in zip((w_gate_up, w_down), ctx.weight_sources, ctx.weight_shapes))
@@ -200,8 +200,8 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
                     ops.quantize_128x1(dgu, pow2, counts=counts))
         if not want_dw:  # input phase: the weight phase runs the two Wgrad GEMMs on these
             ctx.wgrad_operands = operands
-            return dx, None, None, None, None, d_row_weight, None
-        return (dx, *FP8SwiGLUExpertsFunction._weight_grads(ctx, *operands), None, None, d_row_weight, None)
+            return dx, None, None, None, None, d_row_weight, None, None
+        return (dx, *FP8SwiGLUExpertsFunction._weight_grads(ctx, *operands), None, None, d_row_weight, None, None)
 
     @staticmethod
     def _weight_grads(ctx, dy_t, h_t, dgu_t) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +224,8 @@ def _rebuilt(w: Optional[torch.Tensor], sources, shape) -> torch.Tensor:
 
 def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                        counts: Union[Sequence[int], torch.Tensor, None], pow2: bool = False,
-                       row_weight: Optional[torch.Tensor] = None, weight_sources=(None, None)) -> torch.Tensor:
+                       row_weight: Optional[torch.Tensor] = None, weight_sources=(None, None),
+                       x_fp8: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Experts' SwiGLU on x [T, D] (rows sorted by expert, counts[e] rows for expert e) in FP8.
 
     w_gate_up [E, 2I, D] (gate rows, then up rows: `GroupedExperts.gate_up_proj`), w_down [E, D, I];
@@ -232,11 +233,14 @@ def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     `row_weight` [T] (optional) scales each row's SwiGLU output before the down projection;
     `weight_sources` (gate_up's, down's) the parameters a weight is built from when it is not a
     parameter itself, stacked along its output dimension (`kernels.weights.fp8_weight`); such a
-    weight is not kept for backward, which stacks it again only if its FP8 copy is stale. Returns [T, D] in x's dtype (the autocast dtype
-    under autocast). Gradients of the weights are fp32.
+    weight is not kept for backward, which stacks it again only if its FP8 copy is stale. `x_fp8`:
+    (e4m3 [T, D], fp32 scales [T, ceil(D/128)]), x already quantized per 1x128 tile with `pow2` (an
+    FP8 dispatch payload), read by the first GEMM instead of quantizing x again. Returns [T, D] in x's
+    dtype (the autocast dtype under autocast). Gradients of the weights are fp32.
     """
     if counts is not None and not isinstance(counts, torch.Tensor):
         counts = torch.tensor([int(c) for c in counts], dtype=torch.long)
     if counts is not None:
         counts = counts.to(x.device)
-    return FP8SwiGLUExpertsFunction.apply(x, w_gate_up, w_down, counts, pow2, row_weight, tuple(weight_sources))
+    return FP8SwiGLUExpertsFunction.apply(x, w_gate_up, w_down, counts, pow2, row_weight, tuple(weight_sources),
+                                          x_fp8)

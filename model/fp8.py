@@ -20,7 +20,7 @@ o_proj is outside the recomputation.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,13 +62,17 @@ class FP8MLP(MLP):
 
 
 class FP8GroupedExperts(GroupedExperts):
-    """Routed experts in FP8: grouped GEMMs over rows sorted by expert, SwiGLU recomputed in backward."""
+    """Routed experts in FP8: grouped GEMMs over rows sorted by expert, SwiGLU recomputed in backward.
+    `x_fp8` = (e4m3 rows, 1x128 scales) of x_ND quantized with `fp8_pow2` (an FP8 dispatch payload) is
+    used as the first GEMM's operand instead of quantizing x_ND again."""
 
     fp8_pow2: bool = True
+    takes_fp8_input = True
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
-                row_weight_N: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return fp8_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, counts_E, self.fp8_pow2, row_weight_N)
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, row_weight_N: Optional[torch.Tensor] = None,
+                x_fp8: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        return fp8_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, counts_E, self.fp8_pow2, row_weight_N,
+                                  x_fp8=x_fp8)
 
 
 class RecomputedRMSNorm(RMSNorm):

@@ -8,7 +8,10 @@ The complementary sequence-wise balance loss (eq. 17-20) is attached to the laye
 gradient flows without the caller having to add it to the loss.
 
 The layer never moves tokens itself: it hands them to a *dispatcher* (local by default; `parallel/`
-supplies the expert-parallel ones) together with the experts module.
+supplies the expert-parallel ones) together with the experts module. A dispatcher's `start(x_TD,
+topk_idx_TK, topk_weight_TK, experts)` sends the tokens and returns a flight whose `wait()` gives the
+routed output y_TD; the layer runs the shared expert in between, while the tokens travel (section
+3.2.1: computation overlapped with the all-to-all).
 """
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ class GroupedExperts(nn.Module):
     """
 
     expert_offset: int = 0
+    takes_fp8_input: bool = False  # True: forward also accepts `x_fp8`, its input already quantized
 
     def __init__(self, num_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -105,9 +109,24 @@ def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+class _LocalFlight:
+    """A local dispatch "in flight": nothing travels; `wait()` runs the experts."""
+
+    def __init__(self, dispatcher: "LocalDispatcher", *args):
+        self.dispatcher, self.args = dispatcher, args
+
+    def wait(self) -> torch.Tensor:
+        return self.dispatcher(*self.args)
+
+
 class LocalDispatcher:
     """Single-process dispatch: sort (token, expert) pairs by expert, run the experts with each pair's
-    gate weight applied inside, and sum a token's K outputs in fp32."""
+    gate weight applied inside, and sum a token's K outputs in fp32. `start(...)` returns a flight
+    whose `wait()` does it (the interface of the expert-parallel dispatchers)."""
+
+    def start(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+              experts: GroupedExperts) -> _LocalFlight:
+        return _LocalFlight(self, x_TD, topk_idx_TK, topk_weight_TK, experts)
 
     def __call__(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -267,7 +286,7 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class MoE(nn.Module):
-    """Router + routed experts (through a dispatcher) + shared expert."""
+    """Router + routed experts (through a dispatcher) + shared expert, run while the routed tokens travel."""
 
     def __init__(self, cfg: ModelConfig, experts: Optional[GroupedExperts] = None):
         super().__init__()
@@ -287,9 +306,11 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         gate_from = None if recompute_from is None else (recompute_from[0], recompute_from[1].reshape(-1, D))
         topk_idx_TK, weight_TK, scores_TE = self.gate(x_TD, gate_from)
-        y_TD = self.dispatcher(x_TD, topk_idx_TK, weight_TK, self.experts)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        flight = self.dispatcher.start(x_TD, topk_idx_TK, weight_TK, self.experts)
+        shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
+        y_TD = flight.wait()
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
         if self.training and torch.is_grad_enabled() and self.aux_loss_weight > 0:
             aux = sequence_balance_loss(scores_TE, topk_idx_TK, B)
             self.last_balance_loss = aux.detach()

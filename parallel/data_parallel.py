@@ -21,7 +21,9 @@ The inner optimizer (any `named_params -> Optimizer` factory, e.g. the trainer's
 so name/ndim rules (no weight decay on norms) still hold and its state is 1/N of the full state.
 
 Gradient averaging follows `parallel.expert_parallel.reduce_gradients`: dense gradients are the
-mean over dp x ep, expert gradients the sum over dp divided by dp x ep.
+mean over dp x ep, expert gradients the sum over dp divided by dp x ep. The reduce-scatters run in
+buckets started during the backward pass (`parallel/grad_buckets.py`, as DDP does) once
+`expect_backwards(n)` says how many backward passes the step runs; `reduce_gradients()` finishes them.
 
 Master weights (DeepSeek-V3 section 3.3.2: bf16 parameters in the model, fp32 master weights and
 gradients in the optimizer). A parameter that is not fp32, or every parameter when the state is
@@ -63,6 +65,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .expert_parallel import is_expert_param, local_state
+from .grad_buckets import BucketedReduction
 from .mesh import ParallelLayout
 from .shard_group import ShardGroup
 
@@ -125,6 +128,13 @@ class Zero1:
             if p.dtype != torch.float32:
                 self._accumulate_in_fp32(i, p)
         self.optimizer = make_optimizer(list(zip(self.names, self.shards)))
+        self.buckets = BucketedReduction(self.params, self.expert, self._start_bucket)
+        self.bucket_groups = [ShardGroup([self.params[i] for i in idx], *self._reduction(idx[0]), shard)
+                              for idx in self.buckets.buckets]
+
+    def _reduction(self, index: int):
+        """(shard dim, process group) of parameter `index`'s reduction."""
+        return (1, self.layout.dp_group) if self.expert[index] else (0, self.layout.dense_grad_group)
 
     def _group(self, index: int) -> ShardGroup:
         return self.experts if self.expert[index] else self.dense
@@ -158,33 +168,28 @@ class Zero1:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def _split(self, items: List[Any]) -> Tuple[List[Any], List[Any]]:
-        dense = [x for x, e in zip(items, self.expert) if not e]
-        expert = [x for x, e in zip(items, self.expert) if e]
-        return dense, expert
+    def expect_backwards(self, n: int) -> None:
+        """This step runs `n` backward passes (micro-batches): buckets start after the last one (when
+        there is anything to communicate: on one process the gradients stay until `reduce_gradients`)."""
+        if any(g.group is not None and dist.get_world_size(g.group) > 1 for g in self.bucket_groups):
+            self.buckets.expect(n)
+
+    def _start_bucket(self, bucket: int, indices: List[int]) -> "_ShardBucket":
+        pending = self.bucket_groups[bucket].start_reduce_scatter([self._full_grad(i) for i in indices],
+                                                                  torch.float32)
+        for i in indices:
+            self.params[i].grad = None
+        return _ShardBucket(self, indices, pending)
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Reduce-scatter the parameters' fp32 gradients into the shards' gradients (averaged).
 
         Missing gradients count as zeros so every rank joins the collectives; the full gradients are
-        released afterwards (only the shards' are kept: their .grad, or on the device until `step`
-        copies them to the host when offloading).
+        released once their bucket started (only the shards' are kept: their .grad, or on the device
+        until `step` copies them to the host when offloading).
         """
-        indices = list(range(len(self.params)))
-        dense_i, expert_i = self._split(indices)
-        for group, idx in ((self.dense, dense_i), (self.experts, expert_i)):
-            if not idx:
-                continue
-            pieces = group.reduce_scatter([self._full_grad(i) for i in idx], torch.float32)
-            for i, piece in zip(idx, pieces):
-                grad = piece.div_(self.replicas)
-                if self.offload:
-                    self.device_grads[i] = grad
-                else:
-                    self.shards[i].grad = grad
-        for p in self.params:
-            p.grad = None
+        self.buckets.finish()
 
     def _shard_grads(self) -> List[Optional[torch.Tensor]]:
         return self.device_grads if self.offload else [s.grad for s in self.shards]
@@ -315,6 +320,22 @@ class Zero1:
         self.dense.all_gather_params()
         self.experts.all_gather_params()
         return out
+
+
+class _ShardBucket:
+    """One bucket's reduce-scatter in flight; `finish()` gives its shards their averaged gradients."""
+
+    def __init__(self, zero: Zero1, indices: List[int], pending):
+        self.zero, self.indices, self.pending = zero, indices, pending
+
+    def finish(self) -> None:
+        zero = self.zero
+        for i, piece in zip(self.indices, self.pending.result()):
+            grad = piece.div_(zero.replicas)
+            if zero.offload:
+                zero.device_grads[i] = grad
+            else:
+                zero.shards[i].grad = grad
 
 
 def _record_event(device: torch.device):

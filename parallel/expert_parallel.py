@@ -28,6 +28,7 @@ from model.init import materialized_device
 from model.transformer import Transformer
 
 from .dispatch import ExpertParallelDispatcher, make_dispatcher
+from .grad_buckets import AllReduceBucket, BucketedReduction
 from .mesh import ParallelLayout
 
 EXPERT_KEY = ".mlp.experts."
@@ -95,27 +96,16 @@ BUCKET_ELEMENTS = 1 << 24
 
 
 def _all_reduce_flat(grads: List[torch.Tensor], group: Optional[dist.ProcessGroup], scale: float) -> None:
-    """Sum `grads` over `group` and multiply by `scale`, in place: flattened into fp32 buckets of at
-    most BUCKET_ELEMENTS elements (or one tensor when larger), so the transient copy stays a bucket
-    rather than all gradients; scaled in place without a copy when the group is this rank alone."""
-    if group is None or dist.get_world_size(group) == 1:
-        for g in grads:
-            g.mul_(scale)
-        return
+    """Sum `grads` over `group` and multiply by `scale`, in place, one fp32 bucket of at most
+    BUCKET_ELEMENTS elements (or one tensor when larger) after the other, so the transient copy stays
+    a bucket rather than all gradients; scaled in place without a copy when the group is this rank alone."""
     start = 0
     while start < len(grads):
         end, size = start + 1, grads[start].numel()
         while end < len(grads) and size + grads[end].numel() <= BUCKET_ELEMENTS:
             size += grads[end].numel()
             end += 1
-        bucket = grads[start:end]
-        flat = torch.cat([g.reshape(-1).float() for g in bucket])
-        dist.all_reduce(flat, group=group)
-        flat.mul_(scale)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
+        AllReduceBucket(grads[start:end], group, scale).finish()
         start = end
 
 
@@ -189,7 +179,9 @@ class ExpertParallel:
     when `fp8`). Per step: `reduce_gradients`, `grad_norm` (global: the expert part is summed over
     the EP group, where each rank holds other experts), `expert_load` (summed over every rank that
     routes tokens); `traffic()` returns and resets the bytes sent by all ranks since the last call;
-    `checkpoint_state` / `local_state` wrap and unwrap the expert tensors for DCP.
+    `checkpoint_state` / `local_state` wrap and unwrap the expert tensors for DCP. Gradients are reduced
+    in buckets started during backward (`parallel/grad_buckets.py`) once `expect_backwards(n)` says
+    how many backward passes the step runs; `reduce_gradients()` finishes them.
     """
 
     def __init__(self, model: Transformer, layout: ParallelLayout, fp8: bool = False):
@@ -198,9 +190,26 @@ class ExpertParallel:
                                                                     layout.ranks_per_ep_node, fp8=fp8)
         shard_experts(model, layout.ep_rank, layout.ep, self.dispatcher)
         self.device = materialized_device(model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.expert = [is_expert_param(n) for n, _ in named]
+        self.buckets = BucketedReduction(self.params, self.expert, self._start_bucket)
+
+    def _start_bucket(self, _bucket: int, indices: List[int]) -> AllReduceBucket:
+        for i in indices:
+            if self.params[i].grad is None:
+                self.params[i].grad = torch.zeros_like(self.params[i])
+        group = self.layout.expert_grad_group if self.expert[indices[0]] else self.layout.dense_grad_group
+        return AllReduceBucket([self.params[i].grad for i in indices], group,
+                               1.0 / (self.layout.dp * self.layout.ep))
+
+    def expect_backwards(self, n: int) -> None:
+        """This step runs `n` backward passes (micro-batches): buckets start after the last one."""
+        self.buckets.expect(n)
 
     def reduce_gradients(self) -> None:
-        reduce_gradients(self.model.named_parameters(), self.layout)
+        """Average the gradients as `reduce_gradients` does (buckets started during backward finished)."""
+        self.buckets.finish()
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:

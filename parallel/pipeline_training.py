@@ -28,6 +28,9 @@ from .mesh import ParallelLayout
 from .pipeline import Pipeline
 
 
+SPLIT_BACKWARD = ("zbv", "dualpipev")  # schedules whose weight gradients bypass autograd's accumulation
+
+
 class PipelineParallel:
     """This rank's model part, optimizer and per-step collectives (see the module docstring).
 
@@ -65,7 +68,12 @@ class PipelineParallel:
     # ---- the step --------------------------------------------------------------------------
     def forward_backward(self, rows: torch.Tensor, *, mtp_lambda: float, alpha: float,
                          autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
-        """Forward and backward of this replica's rows; returns this replica's mean [loss, mtp, balance]."""
+        """Forward and backward of this replica's rows; returns this replica's mean [loss, mtp, balance].
+        ZeRO-1's reduce-scatters start during the backward passes, except under the zero-bubble schedules,
+        which add weight gradients outside autograd's accumulation (they run in `reduce_gradients`)."""
+        if self.zero is not None and (self.pipe is None or self.pipe.schedule_name not in SPLIT_BACKWARD):
+            self.zero.expect_backwards(self.n_microbatches if self.pipe is not None
+                                       else -(-rows.shape[0] // self.micro_batch))
         if self.pipe is not None:
             self.pipe.set_mtp_weight(mtp_lambda)
             self.pipe.set_balance_loss_weight(alpha / self.n_microbatches)

@@ -54,11 +54,17 @@ class ShardGroup:
     def reduce_scatter(self, grads: List[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
         """Sum of every rank's gradients, this rank's pieces only (one reduce-scatter, or one
         all-reduce of whole gradients when unsharded)."""
+        return self.start_reduce_scatter(grads, dtype).result()
+
+    @torch.no_grad()
+    def start_reduce_scatter(self, grads: List[torch.Tensor], dtype: torch.dtype) -> "PendingPieces":
+        """`reduce_scatter` started asynchronously; `.result()` waits and returns the pieces. The
+        gradients are copied at the start and may be released then."""
         if not self.shard:
             flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
-            if self.group is not None:
-                dist.all_reduce(flat, group=self.group)
-            return [t.view_as(g) for t, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
+            work = dist.all_reduce(flat, group=self.group, async_op=True) if self.group is not None else None
+            pieces = [t.view_as(g) for t, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
+            return PendingPieces(work, lambda: pieces)
         send = torch.empty(self.size, self.length, dtype=dtype, device=self.device)
         for r in range(self.size):
             offset = 0
@@ -66,17 +72,22 @@ class ShardGroup:
                 self._pad_into(send[r, offset:offset + numel], self.local_slice(g, r), shape)
                 offset += numel
         recv = torch.empty(self.length, dtype=dtype, device=self.device)
+        work = None
         if self.group is None:
             recv.copy_(send[0])
         else:
-            _REDUCE_SCATTER(recv, send.view(-1), group=self.group)
-        out, offset = [], 0
-        for p, shape, numel in zip(self.params, self.piece, self.piece_numel):
-            piece = recv[offset:offset + numel].view(shape)
-            start, end = chunk_range(p.shape[self.dim], self.size, self.rank)
-            out.append(piece.narrow(self.dim, 0, end - start))
-            offset += numel
-        return out
+            work = _REDUCE_SCATTER(recv, send.view(-1), group=self.group, async_op=True)
+
+        def pieces() -> List[torch.Tensor]:
+            out, offset = [], 0
+            for p, shape, numel in zip(self.params, self.piece, self.piece_numel):
+                piece = recv[offset:offset + numel].view(shape)
+                start, end = chunk_range(p.shape[self.dim], self.size, self.rank)
+                out.append(piece.narrow(self.dim, 0, end - start))
+                offset += numel
+            return out
+
+        return PendingPieces(work, pieces)
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -97,3 +108,15 @@ class ShardGroup:
                 target = self.local_slice(p.data, r)
                 target.copy_(recv[r, offset:offset + numel].view(shape).narrow(self.dim, 0, target.shape[self.dim]))
                 offset += numel
+
+
+class PendingPieces:
+    """A reduction in flight: `result()` waits for it and returns the pieces."""
+
+    def __init__(self, work, pieces):
+        self.work, self.pieces = work, pieces
+
+    def result(self) -> List[torch.Tensor]:
+        if self.work is not None:
+            self.work.wait()
+        return self.pieces()

@@ -54,6 +54,7 @@ def train_step(model: Transformer, optimizer: AdamW, micro_batches: List[torch.T
     accum = len(micro_batches)
     if ep is not None:
         ep.dispatcher.reset_traffic()
+        ep.expect_backwards(accum)
     model.set_balance_loss_weight(alpha / accum)
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
     for tokens in micro_batches:
