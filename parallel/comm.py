@@ -3,7 +3,7 @@ the one counts exchange, FP8 row payloads, byte accounting.
 
 DeepSeek-V3 section 3.2.2 (communication kernels of cross-node all-to-all) and 3.3.1 (the dispatch
 payload is FP8 with fine-grained scales, the combine stays BF16). Everything that crosses processes
-in `parallel/dispatch.py` goes through `all_to_all_rows` / `start_all_to_all_rows`: one
+in `parallel/dispatch.py` goes through `start_all_to_all_rows`: one
 `all_to_all_single` with uneven split sizes over the process group of one hop (the EP group for the
 flat dispatcher; for the hierarchical one the *rail*, the ranks with the same local index on every
 node, then the *node*; `hop_groups` makes them). A row is bytes: `pack_rows` puts a token's payload,
@@ -25,22 +25,27 @@ from kernels.fp8 import BLOCK, E4M3, cdiv, dequantize
 from kernels.ops import quantize_1x128
 
 
-def all_to_all_rows(x_RD: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
-                    group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Rows of x (grouped by destination, send_counts[p] rows for group rank p) -> received rows by source."""
-    out, work = start_all_to_all_rows(x_RD, send_counts, recv_counts, group)
-    work.wait()
-    return out
+class PendingRows:
+    """An all-to-all of rows in flight (grouped by destination, send_counts[p] rows for group rank p):
+    `wait()` returns the received rows, grouped by source. It keeps the send buffer
+    alive until then (an asynchronous NCCL operation reads it on its own stream)."""
+
+    def __init__(self, out: torch.Tensor, work, send: torch.Tensor):
+        self.out, self.work, self.send = out, work, send
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        self.send = None
+        return self.out
 
 
 def start_all_to_all_rows(x_RD: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
-                          group: Optional[dist.ProcessGroup]) -> Tuple[torch.Tensor, "dist.Work"]:
-    """`all_to_all_rows` started asynchronously: (output buffer, work handle); read the buffer after
-    `work.wait()`."""
+                          group: Optional[dist.ProcessGroup]) -> PendingRows:
+    """Rows of x to the members of `group` (one `all_to_all_single(async_op=True)` with uneven splits)."""
+    send = x_RD.contiguous()
     out = x_RD.new_empty((sum(recv_counts),) + tuple(x_RD.shape[1:]))
-    work = dist.all_to_all_single(out, x_RD.contiguous(), list(recv_counts), list(send_counts), group=group,
-                                  async_op=True)
-    return out, work
+    work = dist.all_to_all_single(out, send, list(recv_counts), list(send_counts), group=group, async_op=True)
+    return PendingRows(out, work, send)
 
 
 def gather_counts(counts_V: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from model.moe import GroupedExperts, count_per_expert
 
-from .comm import (dequantize_rows_fp8, fp8_row_bytes, pack_rows, quantize_rows_fp8, split_rows_fp8,
+from .comm import (PendingRows, dequantize_rows_fp8, fp8_row_bytes, pack_rows, quantize_rows_fp8, split_rows_fp8,
                    start_all_to_all_rows, unpack_rows)
 from .dispatch_plan import Hop, Plan, route
 
@@ -39,7 +39,7 @@ class Transit:
     def __init__(self, plan: Plan, D: int, K: int, wire: torch.dtype, fp8: bool, pow2: bool):
         self.plan, self.D, self.K, self.wire, self.fp8, self.pow2 = plan, D, K, wire, fp8, pow2
         self.payload_bytes = fp8_row_bytes(D) if fp8 else D * torch.finfo(wire).bits // 8
-        self.pending: Optional[Tuple[torch.Tensor, object]] = None
+        self.pending: Optional[PendingRows] = None
         self.idx_CK: Optional[torch.Tensor] = None
         self.fp8_rows: Optional[torch.Tensor] = None
 
@@ -48,10 +48,8 @@ class Transit:
         self.pending = start_all_to_all_rows(rows[hop.src_rows] if forward else rows, send, recv, hop.group)
 
     def _finish(self) -> torch.Tensor:
-        out, work = self.pending
-        self.pending = None
-        work.wait()
-        return out
+        pending, self.pending = self.pending, None
+        return pending.wait()
 
     # -- dispatch: rows are packed (payload bytes, hop-level expert ids int32, gate weights fp32) --
     def _dispatch_rows(self, payload: torch.Tensor, idx_RK: torch.Tensor, w_bytes: torch.Tensor, hop: Hop) -> None:

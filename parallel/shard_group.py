@@ -87,7 +87,7 @@ class ShardGroup:
                 offset += numel
             return out
 
-        return PendingPieces(work, pieces)
+        return PendingPieces(work, pieces, send)
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -111,12 +111,14 @@ class ShardGroup:
 
 
 class PendingPieces:
-    """A reduction in flight: `result()` waits for it and returns the pieces."""
+    """A reduction in flight: `result()` waits for it and returns the pieces; the send buffer is kept
+    alive until then (an asynchronous NCCL operation reads it on its own stream)."""
 
-    def __init__(self, work, pieces):
-        self.work, self.pieces = work, pieces
+    def __init__(self, work, pieces, send: Optional[torch.Tensor] = None):
+        self.work, self.pieces, self.send = work, pieces, send
 
     def result(self) -> List[torch.Tensor]:
         if self.work is not None:
             self.work.wait()
+        self.send = None
         return self.pieces()
