@@ -7,8 +7,10 @@ and compares, per window of steps (default 10) and at the end (final validation 
 - fp8 vs bf16: the gap of the FP8 recipe;
 - bf16 vs fp32: the noise floor. Two runs that differ by anything (bf16 rounding here) drift apart
   at this scale (discrete routing, small batches), so a gap is only a defect if it stands above it;
-- the largest gradient norm after the first window, fp8 vs bf16 (a step whose FP8 gradient is far
-  off shows up as a spike there).
+- fp8 vs fp32 (`fp32_ratio`): when the bf16 run itself leaves the course (a spike of its own), fp8
+  vs bf16 shows bf16's excursion, and this ratio says which of the two moved;
+- the largest gradient norm after the first window, fp8 vs bf16, with fp32's (`fp32_value`): a step
+  whose FP8 gradient is far off shows up as a spike there, and a spike in fp32 too is the model's.
 
 Then, per window and at the end, the mean and the spread (standard deviation over seeds) of the
 per-seed relative gaps, for fp8 vs bf16 next to bf16 vs fp32. Two configs: `tiny` (the CI model,
@@ -16,8 +18,9 @@ hidden 256: a 128-wide block is half a row) and `wide` (hidden 512, 2 layers + M
 blocks per expert matrix), both kept small enough for a CPU. Two runs go at a time (2 cores).
 
 JSON lines (bench contract): per seed and window, `ours` = fp8 mean loss, `peer_value` = bf16's,
-`ratio` = fp8 / bf16, with `floor_ratio` = bf16 / fp32 on the same seed and window; per window over
-seeds, `ours`/`peer_value` are the means and `gap_pct` / `floor_gap_pct` hold {mean, spread} in %.
+`ratio` = fp8 / bf16, with `floor_ratio` = bf16 / fp32 and `fp32_ratio` = fp8 / fp32 on the same seed
+and window; per window over seeds, `ours`/`peer_value` are the means and `gap_pct` / `floor_gap_pct` /
+`fp32_gap_pct` hold {mean, spread} in %.
 Progress goes to stderr.
 
     python -m bench.fp8_loss [--configs tiny,wide] [--seeds 7,8,9] [--window 10] [--keep DIR]
@@ -103,15 +106,17 @@ def report(config: str, seeds: List[int], curves: Dict[Tuple[int, str], List[dic
     for seed in seeds:
         for name, measure, unit in parts:
             fp8, bf16, fp32 = (measure(curves[seed, p]) for p in PRECISIONS)
-            emit(f"{config} seed {seed} {name}", unit, fp8, "bf16, same seed", bf16, floor_ratio=round(bf16 / fp32, 5))
-        fp8_gn, bf16_gn = (max_grad_norm(curves[seed, p], width) for p in ("fp8", "bf16"))
+            emit(f"{config} seed {seed} {name}", unit, fp8, "bf16, same seed", bf16, floor_ratio=round(bf16 / fp32, 5),
+                 fp32_ratio=round(fp8 / fp32, 5))
+        fp8_gn, bf16_gn, fp32_gn = (max_grad_norm(curves[seed, p], width) for p in PRECISIONS)
         emit(f"{config} seed {seed} largest grad norm after step {width}", "grad norm", fp8_gn, "bf16, same seed",
-             bf16_gn)
+             bf16_gn, fp32_value=round(fp32_gn, 5))
     for name, measure, unit in parts:
         values = {p: [measure(curves[s, p]) for s in seeds] for p in PRECISIONS}
         emit(f"{config} {name}, mean over seeds {','.join(map(str, seeds))}", unit, statistics.mean(values["fp8"]),
              "bf16", statistics.mean(values["bf16"]), gap_pct=gap_stats(list(zip(values["fp8"], values["bf16"]))),
-             floor_gap_pct=gap_stats(list(zip(values["bf16"], values["fp32"]))))
+             floor_gap_pct=gap_stats(list(zip(values["bf16"], values["fp32"]))),
+             fp32_gap_pct=gap_stats(list(zip(values["fp8"], values["fp32"]))))
 
 
 def main(argv=None) -> None:

@@ -33,15 +33,18 @@ def test_report_lines_per_seed_window_and_over_seeds(capsys):
     first = cases["tiny seed 1 steps 1-10"]
     assert first["ours"] == pytest.approx(statistics.mean((8.0 - 0.1 * t) * 1.01 for t in range(1, 11)), abs=1e-5)
     assert first["ratio"] == pytest.approx(1.01) and first["floor_ratio"] == pytest.approx(1 / 1.002, rel=1e-4)
+    assert first["fp32_ratio"] == pytest.approx(1.01 / 1.002, rel=1e-4)
     assert cases["tiny seed 3 steps 21-25"]["ratio"] == pytest.approx(0.99)
     assert cases["tiny seed 2 final validation"]["ratio"] == pytest.approx(1.0)
     assert cases["tiny seed 1 largest grad norm after step 10"]["ours"] == 6.0
     assert cases["tiny seed 1 largest grad norm after step 10"]["peer_value"] == 3.0
+    assert cases["tiny seed 1 largest grad norm after step 10"]["fp32_value"] == 3.0
     summary = cases["tiny steps 11-20, mean over seeds 1,2,3"]
     assert summary["gap_pct"]["mean"] == pytest.approx(0.0, abs=1e-3)
     assert summary["gap_pct"]["spread"] == pytest.approx(1.0, abs=1e-3)
     assert summary["floor_gap_pct"]["mean"] == pytest.approx(100 * (1 / 1.002 - 1), abs=1e-3)
     assert summary["floor_gap_pct"]["spread"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["fp32_gap_pct"]["mean"] == pytest.approx(100 * (1 / 1.002 - 1), abs=1e-3)
     assert "tiny final validation, mean over seeds 1,2,3" in cases
     assert len(lines) == 3 * (3 + 1 + 1) + 4
 
