@@ -216,24 +216,26 @@ class DualPipeOverlap:
         schedule.register_custom_function(OVERLAP_F_B, self.run)
 
     def run(self, action, ctx) -> None:
-        """The OVERLAP_F_B action: what torch's runtime does for its two sub-actions (receive, compute,
-        hand the result to the other local stage), with the backward in a helper thread."""
+        """The OVERLAP_F_B action: what torch's runtime does for its two sub-actions (wait for the input
+        from the neighbouring rank, compute, hand the result to the other local stage), with the
+        backward in a helper thread and each chunk waiting for its input without the baton."""
         schedule = ctx.schedule_ref
         fwd, bwd = action.sub_actions
         if fwd.computation_type != FORWARD or bwd.computation_type != FULL_BACKWARD or fwd.stage_index == bwd.stage_index:
             raise RuntimeError(f"overlapped action {action} must pair a forward and a full backward of two stages")
         stages = {s.stage_index: s for s in schedule._stages}
         f_stage, b_stage = stages[fwd.stage_index], stages[bwd.stage_index]
-        if not f_stage.is_first and fwd.stage_index - 1 not in stages:
-            _wait(schedule.fwd_recv_ops, (fwd.stage_index, fwd.microbatch_index), action)
-        if not b_stage.is_last and bwd.stage_index + 1 not in stages:
-            _wait(schedule.bwd_recv_ops, (bwd.stage_index, bwd.microbatch_index), action)
+        f_recv = (_received(schedule.fwd_recv_ops, (fwd.stage_index, fwd.microbatch_index), action)
+                  if not f_stage.is_first and fwd.stage_index - 1 not in stages else [])
+        b_recv = (_received(schedule.bwd_recv_ops, (bwd.stage_index, bwd.microbatch_index), action)
+                  if not b_stage.is_last and bwd.stage_index + 1 not in stages else [])
         errors: List[BaseException] = []
 
         def backward(enter) -> None:
             try:
                 with enter():
                     self.baton.switch(BWD, COMPUTE)
+                    self._wait(BWD, b_recv)
                     mb = bwd.microbatch_index
                     loss = schedule._maybe_get_loss(b_stage, mb)
                     schedule.backward_counter[bwd.stage_index] += 1
@@ -254,6 +256,7 @@ class DualPipeOverlap:
         helper.start()
         try:
             self.baton.switch(FWD, COMPUTE)
+            self._wait(FWD, f_recv)
             mb = fwd.microbatch_index
             out = f_stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb])
             schedule._maybe_compute_loss(f_stage, out, ctx.target_mbs, mb)
@@ -266,10 +269,18 @@ class DualPipeOverlap:
         if errors:
             raise errors[0]
 
+    def _wait(self, side: str, works: list) -> None:
+        """Wait for a chunk's pipeline input without the baton: the other chunk computes meanwhile."""
+        if works:
+            self.baton.switch(side, COMM)
+            for work in works:
+                work.wait()
+            self.baton.switch(side, COMPUTE)
 
-def _wait(ops: dict, key: tuple, action) -> None:
+
+def _received(ops: dict, key: tuple, action) -> list:
+    """The receive operations (posted earlier by the runtime) that bring a chunk its input."""
     if key not in ops:
         raise RuntimeError(f"overlapped action {action}: stage {key[0]} micro-batch {key[1]} runs before its input "
                            "was received")
-    for work in ops.pop(key):
-        work.wait()
+    return ops.pop(key)
