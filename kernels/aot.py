@@ -7,7 +7,7 @@ to 1 become constants), compiles it with `triton.compile`, and reads from the re
 stack (spills) and static shared memory of the cubin (`cuobjdump --dump-resource-usage`, shipped
 in the Triton wheel), the dynamic shared memory, the tensor-core instruction in the PTX (`wgmma`
 on sm_90, `tcgen05.mma` on sm_100), whether operand loads are pipelined (asynchronous copies or
-TMA loads in the TTGIR) and the resulting occupancy. Import the kernels without TRITON_INTERPRET.
+TMA loads in the TTGIR), fp32 fused multiply-adds in the PTX, and the resulting occupancy. Import the kernels without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ class Compiled:
     num_warps: int
     tensor_core: bool
     pipelined: bool
+    fma: bool = False
 
     @property
     def occupancy(self) -> int:
@@ -92,5 +93,5 @@ def compile_launch(kernel, args: tuple, meta: dict, arch: int) -> Compiled:
         _cache[key] = Compiled(arch=arch, registers=usage["REG"], stack=usage["STACK"] + usage["LOCAL"],
                                shared=compiled.metadata.shared + usage["SHARED"], num_warps=options.num_warps,
                                tensor_core=TENSOR_CORE_PTX[arch] in ptx,
-                               pipelined=any(p in ttgir for p in PIPELINED_TTGIR))
+                               pipelined=any(p in ttgir for p in PIPELINED_TTGIR), fma="fma.rn.f32" in ptx)
     return _cache[key]

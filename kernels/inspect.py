@@ -8,9 +8,11 @@ records every kernel launch instead of running it (`kernels.triton.launch`), com
 distinct specialization for each architecture (`kernels.aot`) and prints, per kernel and the
 launches that use it: registers, stack bytes (spills), shared memory, warps, the tensor-core
 instruction, pipelined operand loads and resident CTAs per SM, with the GEMM configuration (tile,
-stages, launch order: `kernels.triton.configs`). Exit status 1 when a kernel spills or a GEMM lacks
-the architecture's tensor-core instruction or pipelined loads. With --candidates it compiles every
-configuration the autotuner may pick (`python -m kernels.autotune`) on one launch of its GEMM kind.
+stages, launch order: `kernels.triton.configs`). Exit status 1 when a kernel spills, a GEMM lacks
+the architecture's tensor-core instruction or pipelined loads, or a kernel that must round every
+operation (launched with `enable_fp_fusion=False`: the fused SwiGLU quantization) has a fused
+multiply-add. With --candidates it compiles every configuration the autotuner may pick
+(`python -m kernels.autotune`) on one launch of its GEMM kind.
 
     python -m kernels.inspect [--arch 90,100] [--model v3_671b[,tiny]] [--tokens 4096[,100]] [--experts-per-rank 8]
                               [--candidates]
@@ -96,13 +98,15 @@ def record_launches(cfg: dict, tokens: int, experts_per_rank: int) -> List[Tuple
             w = torch.empty(n, k, device=meta, requires_grad=True)
             run(name, lambda: fp8_linear(x, w, True, e5m6))
         for name, experts, d, inter in swiglus:
-            rows = tokens * cfg.get("num_experts_per_tok", 1) * experts // max(cfg.get("n_routed_experts", 1), 1) \
-                if name == "routed_experts" else tokens
-            counts = [rows // experts + (e < rows % experts) for e in range(experts)]
-            x = torch.empty(sum(counts), d, device=meta, dtype=torch.bfloat16, requires_grad=True)
+            counts = None  # the dense and shared SwiGLUs run ungrouped (model.fp8)
+            if name == "routed_experts":
+                rows = tokens * cfg["num_experts_per_tok"] * experts // cfg["n_routed_experts"]
+                counts = [rows // experts + (e < rows % experts) for e in range(experts)]
+            x = torch.empty(sum(counts) if counts else tokens, d, device=meta, dtype=torch.bfloat16,
+                            requires_grad=True)
             gu = torch.empty(experts, 2 * inter, d, device=meta, requires_grad=True)
             down = torch.empty(experts, d, inter, device=meta, requires_grad=True)
-            rw = torch.empty(sum(counts), device=meta, requires_grad=True) if name == "routed_experts" else None
+            rw = torch.empty(x.shape[0], device=meta, requires_grad=True) if counts else None
             run(name, lambda: fp8_swiglu_experts(x, gu, down, counts, True, rw))
     return out
 
@@ -131,7 +135,8 @@ def _compile_rows(labelled, archs: List[int]) -> List[dict]:
             c = compile_launch(launch.kernel, launch.args, launch.meta, arch)
             key = (launch.kernel.__name__, arch, id(c))
             row = rows.setdefault(key, {"kernel": launch.kernel.__name__, "compiled": c, "launches": [],
-                                        "config": _config(launch.meta)})
+                                        "config": _config(launch.meta),
+                                        "exact": launch.meta.get("enable_fp_fusion") is False})
             row["launches"].append(label)
     return list(rows.values())
 
@@ -158,10 +163,13 @@ def inspect_candidates(cfg: dict, tokens: int, experts_per_rank: int, archs: Lis
 
 
 def problems(row: dict) -> List[str]:
-    """What is wrong with a row: spills; for a GEMM, no tensor-core instruction or unpipelined loads."""
+    """What is wrong with a row: spills; for a GEMM, no tensor-core instruction or unpipelined loads; a fused
+    multiply-add in a kernel launched with floating-point fusion off (its operations must round one by one)."""
     c, found = row["compiled"], []
     if c.stack:
         found.append(f"spills ({c.stack} B stack)")
+    if row.get("exact") and c.fma:
+        found.append("fused multiply-add with fp fusion off")
     if "gemm" in row["kernel"]:
         if not c.tensor_core:
             found.append("no tensor-core instruction")

@@ -6,7 +6,8 @@ All three GEMMs of a linear run on E4M3 operands with fine-grained scales:
   Wgrad  dW = dyᵀ · x     dy and x per 128x1 tile (128 tokens of one channel), fp32 result
 The input is cached for backward in FP8 (its 1x128 form, re-quantized to 128x1 in backward), or in
 E5M6 for the linear after attention. The experts cache their input and the SwiGLU input (gate and
-up projections) in FP8 and recompute the SwiGLU output in backward. Weight gradients are fp32.
+up projections) in FP8 and recompute the SwiGLU output in backward. The SwiGLU output is quantized
+where it is computed (`ops.swiglu_quantize_1x128`: one fused kernel on Triton). Weight gradients are fp32.
 Weights are quantized once per optimizer step (`kernels.weights`); Dgrad reads the transposed FP8
 copy, so every GEMM operand is K-major. Expert row counts stay on the device (a tensor) or are
 None for a single expert (the dense SwiGLU): nothing here waits for the GPU.
@@ -24,9 +25,9 @@ import contextlib
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
+from .swiglu import silu
 from .weights import fp8_weight
 
 
@@ -152,11 +153,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         gu8 = fp8_weight(w_gate_up, pow2, weight_sources[0])
         d8 = fp8_weight(w_down, pow2, weight_sources[1])
         gu = ops.fp8_gemm_grouped_m(xq, xs, gu8.data, gu8.scale, counts, out_dtype)
-        g, u = gu.float().chunk(2, dim=-1)
-        h = F.silu(g) * u
-        if row_weight is not None:
-            h = h * row_weight.float().unsqueeze(1)
-        hq, hs = ops.quantize_1x128(h, pow2)
+        hq, hs = ops.swiglu_quantize_1x128(gu, row_weight, pow2)
         y = ops.fp8_gemm_grouped_m(hq, hs, d8.data, d8.scale, counts, out_dtype)
         gu_q, gu_s = ops.quantize_1x128(gu, pow2)
         # A weight built from sources (a dense SwiGLU's stacked gate and up) is not kept: backward
@@ -179,7 +176,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
                              in zip((w_gate_up, w_down), ctx.weight_sources, ctx.weight_shapes))
         counts, pow2 = ctx.counts, ctx.pow2
         g, u = ops.dequantize(gu_q, gu_s).chunk(2, dim=-1)
-        silu_g = F.silu(g)
+        silu_g = silu(g)
         a = silu_g * u
         dyq, dys = ops.quantize_1x128(dy, pow2)
         d8 = fp8_weight(w_down, pow2, ctx.weight_sources[1])
@@ -196,8 +193,7 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
             gu8 = fp8_weight(w_gate_up, pow2, ctx.weight_sources[0])
             dguq, dgus = ops.quantize_1x128(dgu, pow2)
             dx = ops.fp8_gemm_grouped_m(dguq, dgus, gu8.data_t, gu8.scale_t, counts, ctx.x_dtype)
-        operands = (ops.quantize_128x1(dy, pow2, counts=counts), ops.quantize_128x1(a, pow2, counts=counts),
-                    ops.quantize_128x1(dgu, pow2, counts=counts))
+        operands = tuple(_quantize_wgrad_operand(t, pow2, counts) for t in (dy, a, dgu))
         if not want_dw:  # input phase: the weight phase runs the two Wgrad GEMMs on these
             ctx.wgrad_operands = operands
             return dx, None, None, None, None, d_row_weight, None, None
@@ -208,10 +204,20 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         """(dW_gate_up, dW_down) from the 128x1-quantized (values, scales) of dy, of the SwiGLU output
         and of the gate/up gradient, and the saved FP8 input."""
         xq, xs = ctx.saved_tensors[:2]
-        x_t = ops.quantize_128x1(xq, ctx.pow2, x_scale=xs, counts=ctx.counts)
+        x_t = _quantize_wgrad_operand(xq, ctx.pow2, ctx.counts, xs)
         dw_down = ops.fp8_gemm_grouped_k(*dy_t, *h_t, ctx.counts)
         dw_gate_up = ops.fp8_gemm_grouped_k(*dgu_t, *x_t, ctx.counts)
         return dw_gate_up, dw_down
+
+
+def _quantize_wgrad_operand(t: torch.Tensor, pow2: bool, counts: Optional[torch.Tensor],
+                            scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """128x1 quantization of a Wgrad operand: grouped by expert, or (one expert) with its rows padded to
+    ROW_ALIGN as the FP8 Linear does (aligned, pipelined loads in the Wgrad GEMM)."""
+    if counts is None:
+        pad = -t.shape[0] % ROW_ALIGN
+        t, scale = _pad_rows(t, pad), None if scale is None else _pad_rows(scale, pad)
+    return ops.quantize_128x1(t, pow2, x_scale=scale, counts=counts)
 
 
 def _rebuilt(w: Optional[torch.Tensor], sources, shape) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import fp8 as reference
+from . import swiglu as swiglu_reference
 from .fp8 import dequantize, dequantize_e5m6, quantize_e5m6
 
 BACKENDS = ("auto", "reference", "triton")
@@ -72,9 +73,13 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+def _use_triton(t: torch.Tensor) -> bool:
+    return _backend == "triton" or (_backend == "auto" and t.is_cuda)
+
+
 def _impl(t: torch.Tensor):
     """The module for tensor t: Triton when forced or for CUDA tensors under "auto" (import errors raise)."""
-    if _backend == "triton" or (_backend == "auto" and t.is_cuda):
+    if _use_triton(t):
         from . import triton as kernels
         return kernels
     return reference
@@ -95,6 +100,12 @@ def quantize_128x1(x, pow2=False, *, x_scale=None, counts=None):
     return _impl(x).quantize_128x1(x, pow2, x_scale=x_scale, counts=counts)
 
 
+def swiglu_quantize_1x128(gu, row_weight=None, pow2=False):
+    """See `kernels.swiglu.swiglu_quantize_1x128` (fused into one kernel on Triton)."""
+    impl = _impl(gu) if _use_triton(gu) else swiglu_reference
+    return impl.swiglu_quantize_1x128(gu, row_weight, pow2)
+
+
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     """See `kernels.fp8.fp8_gemm`."""
     return _impl(a).fp8_gemm(a, a_scale, b, b_scale, out_dtype)
@@ -111,5 +122,6 @@ def fp8_gemm_grouped_k(a, a_scale, b, b_scale, counts):
 
 
 __all__ = ["use_backend", "set_backend", "triton_import_error", "quantize_1x128", "quantize_128x128", "quantize_128x1",
+           "swiglu_quantize_1x128",
            "fp8_gemm", "fp8_gemm_grouped_m", "fp8_gemm_grouped_k", "dequantize", "quantize_e5m6",
            "dequantize_e5m6"]

@@ -189,6 +189,48 @@ def check_persistent_grouped_gemms_bit_exact():
     gemm.INTERPRETER_PROGRAMS = 3
 
 
+def check_fused_swiglu_quantization_bit_equal():
+    """One kernel from the gate/up output to the FP8 SwiGLU output and its 1x128 scales, bit-equal to the
+    reference (`kernels.swiglu`) and to the unfused path (SwiGLU, then the Triton 1x128 quantizer), with
+    gates past exp's clamp, NaN and Inf, bf16 and fp32 inputs, with and without routing weights."""
+    from kernels import swiglu, triton as tk
+    for T, I, dtype in ((70, 200, torch.float32), (33, 128, torch.bfloat16)):
+        gu = _sample((T, 2 * I), 1.5).to(dtype)
+        gu[0, :4] = torch.tensor([100.0, -100.0, 88.5, -87.5])
+        gu[1, 5], gu[2, I + 7], gu[3, 9] = float("nan"), float("inf"), -float("inf")
+        weights = (None, torch.rand(T).to(DEVICE).to(dtype))
+        for row_weight in weights:
+            for pow2 in (False, True):
+                got = tk.swiglu_quantize_1x128(gu, row_weight, pow2)
+                want = swiglu.swiglu_quantize_1x128(gu, row_weight, pow2)
+                g, u = gu.float().chunk(2, dim=-1)
+                unfused = tk.quantize_1x128(swiglu.swiglu(g, u, row_weight), pow2)
+                for name, r, ref in (("data", 0, want), ("scale", 1, want), ("unfused data", 0, unfused),
+                                     ("unfused scale", 1, unfused)):
+                    _same_bits_or_nan(got[r], ref[r], f"fused SwiGLU {name} {dtype} I={I} "
+                                                      f"weights={row_weight is not None} pow2={pow2}")
+
+
+def check_autotune_problems_run():
+    """The autotuner's GEMM of one launch shape per kind (tiny model, 100 tokens) runs under every
+    candidate configuration and gives the output shape of that launch."""
+    from kernels import autotune
+    from kernels.inspect import load_model_config
+    from kernels.triton import configs
+    first = {}
+    for shape in autotune.launch_shapes(load_model_config("tiny"), 100, 8):
+        first.setdefault(shape.kind, shape)
+    assert set(first) == set(configs.KINDS)
+    for kind, shape in first.items():
+        call = autotune.gemm_call(shape, torch.device(DEVICE))
+        for candidate in configs.CANDIDATES[kind][:2]:
+            with configs.forced({kind: candidate}):
+                out = call()
+            want = (len(shape.counts), shape.n, shape.k) if kind == "wgrad_grouped" else \
+                (shape.m, shape.n) if kind.startswith("fprop") else (shape.n, shape.k)
+            assert tuple(out.shape) == want and out.isfinite().all(), f"{kind} {candidate}: {tuple(out.shape)}"
+
+
 def _same_bits_or_nan(a, b, what):
     """Bit-equal, except that a NaN scale may have any NaN payload."""
     if a.dtype == torch.float32:

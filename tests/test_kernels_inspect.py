@@ -23,7 +23,7 @@ def test_fp8_kernels_compile_without_spills_with_tensor_cores_and_pipelined_load
     out = proc.stdout
     assert "# tiny, 100 tokens" in out and "# v3_671b, 4096 tokens" in out, proc.stderr[-3000:]
     for kernel in ("_gemm_kernel", "_gemm_grouped_k_kernel", "_quant_1x128_kernel", "_quant_128x128_kernel",
-                   "_quant_128x1_kernel"):
+                   "_quant_128x1_kernel", "_swiglu_quant_kernel"):
         for arch in (90, 100):
             assert re.search(rf"^\| {kernel} \| [^|]+ \| {arch} \|", out, re.M), f"{kernel} not compiled for sm_{arch}"
     bad = [line for line in out.splitlines() if line.startswith("| _") and not line.endswith("| ok |")]
