@@ -45,7 +45,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed step pairs (without, with delay)")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated subset of " + ", ".join(SCHEDULES))
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--microbatches", type=int, default=8,
+    parser.add_argument("--microbatches", type=int, default=16,
                         help="micro-batches per pipeline and step (DualPipeV needs >= 2 x pp)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.schedules.split(",")) - set(SCHEDULES))

@@ -4,7 +4,8 @@ pp=2 x ep=2 on a shrunken `tiny` model. For every schedule, two copies of one mo
 batches, one with `Pipeline(overlap=False)`, one with `overlap=True` run under injected latency
 (bench/latency.py, so that the all-to-alls take time and the two chunks of an overlapped action
 really interleave). Main and MTP losses and every gradient must be bitwise equal at every step;
-DualPipeV also in bf16 autocast (the backward thread must run under the caller's autocast: the
+DualPipeV also with the hierarchical dispatcher over two one-rank nodes (its rail process group gets a
+twin too) and in bf16 autocast (the backward thread must run under the caller's autocast: the
 router and MLA recompute forward ops in backward). For DualPipeV the overlapped run must have handed
 the baton over during communication (`Baton.overlaps` > 0). Prints OVERLAP OK on rank 0.
 """
@@ -51,11 +52,13 @@ def train(model, layout, schedule, overlap, autocast, batches):
     return record, pipe
 
 
-def check(schedule, precision, layout, cfg):
+def check(schedule, precision, dispatcher_name, gpus_per_node, cfg):
+    layout = build_layout(pp=2, ep=2, gpus_per_node=gpus_per_node, n_routed_experts=cfg.n_routed_experts,
+                          n_group=cfg.n_group)
     torch.manual_seed(0)
     model = Transformer(cfg)
     twin = copy.deepcopy(model)
-    dispatcher = make_dispatcher("flat", layout.ep_group, layout.gpus_per_node)
+    dispatcher = make_dispatcher(dispatcher_name, layout.ep_group, layout.gpus_per_node)
     for m in (model, twin):
         apply_expert_parallel(m, layout, dispatcher)
     replica = layout.dp_rank * layout.ep + layout.ep_rank
@@ -64,7 +67,7 @@ def check(schedule, precision, layout, cfg):
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext)
     plain, _ = train(model, layout, schedule, False, autocast, batches)
     overlapped, pipe = train(twin, layout, schedule, True, autocast, batches)
-    tag = f"rank {dist.get_rank()} {schedule} {precision}"
+    tag = f"rank {dist.get_rank()} {schedule} {precision} {dispatcher_name}"
     for step, ((loss_a, grads_a), (loss_b, grads_b)) in enumerate(zip(plain, overlapped)):
         if not torch.equal(loss_a, loss_b):
             FAILURES.append(f"{tag} step {step}: losses {loss_a.tolist()} (sequential) vs {loss_b.tolist()} (overlapped)")
@@ -75,17 +78,17 @@ def check(schedule, precision, layout, cfg):
     if schedule == "dualpipev" and overlaps == 0:
         FAILURES.append(f"{tag}: no chunk computed while the other communicated")
     if dist.get_rank() == 0:
-        print(f"{schedule} {precision}: losses {[r[0].tolist() for r in overlapped]} bitwise equal; "
+        print(f"{schedule} {precision} {dispatcher_name}: losses {[r[0].tolist() for r in overlapped]} bitwise equal; "
               f"hand-offs during communication {overlaps}", flush=True)
 
 
 def main():
     dist.init_process_group("gloo")
     cfg = tiny_config()
-    layout = build_layout(pp=2, ep=2, gpus_per_node=4, n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group)
-    for schedule, precision in [("dualpipev", "fp32"), ("dualpipev", "bf16"), ("1f1b", "fp32"),
-                                ("interleaved_1f1b", "fp32"), ("zbv", "fp32")]:
-        check(schedule, precision, layout, cfg)
+    for case in [("dualpipev", "fp32", "flat", 4), ("dualpipev", "bf16", "flat", 4),
+                 ("dualpipev", "fp32", "hierarchical", 1), ("1f1b", "fp32", "flat", 4),
+                 ("interleaved_1f1b", "fp32", "flat", 4), ("zbv", "fp32", "flat", 4)]:
+        check(*case, cfg)
     finish_worker(FAILURES, "OVERLAP OK")
 
 

@@ -9,11 +9,12 @@ from tests.dist_launch import run_torchrun
 
 
 def test_overlap_changes_no_result_pp2_ep2():
-    # One launch: every schedule with and without overlap, DualPipeV also in bf16 autocast.
+    # One launch: every schedule with and without overlap, DualPipeV also in bf16 autocast and with
+    # the hierarchical dispatcher.
     output = run_torchrun("dist_pipeline_overlap.py", 4)
     assert "OVERLAP OK" in output, output[-4000:]
     lines = [line for line in output.splitlines() if "bitwise equal" in line]
-    assert len(lines) == 5, "\n".join(lines)
+    assert len(lines) == 6, "\n".join(lines)
 
 
 def test_baton_interleaves_compute_with_the_other_sides_communication():
