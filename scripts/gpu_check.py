@@ -7,6 +7,8 @@ Lines (`"check"` names the step; every line has `"ok"`):
 - kernel: tests/test_fp8_triton.py's checks on the GPU's Triton kernels (quantizers bit-exact with
   the reference, GEMMs within the bound of Hopper's FP8 accumulation); on CPU CI runs them already;
 - bench.fp8_gemm: the benchmark's lines (GPU only);
+- autotune: `python -m kernels.autotune` (v3_671b's launch shapes): per (kind, N, K) the fastest GEMM
+  configuration and its time against the recorded one, nothing written (on CPU: its one-line refusal);
 - train: `tiny` for N steps in bf16, fp8 and fp32, then the same job resumed from its mid-way
   checkpoint in a fresh out_dir: the resumed losses must equal the uninterrupted ones bit for bit
   (GPU runs use train.deterministic=true, README "Exactness");
@@ -137,6 +139,21 @@ def check_bench(cuda: bool) -> None:
         emit("bench.fp8_gemm", **{k: v for k, v in line.items() if k != "bench"})
 
 
+@step("autotune")
+def check_autotune(cuda: bool) -> None:
+    cmd = [sys.executable, "-m", "kernels.autotune", "--model", "v3_671b"]
+    if not cuda:  # exits with status 2 and one line
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES=""),
+                              capture_output=True, text=True, timeout=120)
+        emit("autotune", proc.returncode == 2 and "no CUDA GPU" in proc.stdout, skipped=proc.stdout.strip())
+        return
+    lines = json_lines(run(cmd, 420).stdout)
+    if not lines:
+        raise RuntimeError("kernels.autotune printed no JSON lines")
+    for line in lines:
+        emit("autotune", **line)
+
+
 def train(args: List[str], out_dir: Path, timeout: float, torchrun: bool = False) -> List[dict]:
     """train.py (or torchrun with one process) with `args` into `out_dir`; returns its metrics records."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
@@ -256,6 +273,7 @@ def main(argv=None) -> int:
         return 1
     check_kernels(cuda)
     check_bench(cuda)
+    check_autotune(cuda)
     check_train(cuda, out)
     check_throughput(cuda, out)
     check_zero1(cuda, out)

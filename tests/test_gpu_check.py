@@ -8,8 +8,8 @@ import sys
 
 from train_helpers import ROOT
 
-EXPECTED = {"env", "kernel", "bench.fp8_gemm", "train", "throughput", "zero1", "dispatch", "mla_flash", "host_syncs",
-            "profile", "summary"}
+EXPECTED = {"env", "kernel", "bench.fp8_gemm", "autotune", "train", "throughput", "zero1", "dispatch", "mla_flash",
+            "host_syncs", "profile", "summary"}
 
 
 def test_gpu_check_cpu_mode(tmp_path):
