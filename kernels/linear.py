@@ -6,8 +6,9 @@ All three GEMMs of a linear run on E4M3 operands with fine-grained scales:
   Wgrad  dW = dyᵀ · x     dy and x per 128x1 tile (128 tokens of one channel), fp32 result
 The input is cached for backward in FP8 (its 1x128 form, re-quantized to 128x1 in backward), or in
 E5M6 for the linear after attention. The experts cache their input and the SwiGLU input (gate and
-up projections) in FP8 and recompute the SwiGLU output in backward. The SwiGLU output is quantized
-where it is computed (`ops.swiglu_quantize_1x128`: one fused kernel on Triton). Weight gradients are fp32.
+up projections) in FP8 and recompute the SwiGLU output in backward. The SwiGLU output and the cached
+gate/up output are quantized where the SwiGLU is computed (`ops.swiglu_quantize_1x128`: one fused
+kernel on Triton, reading the gate/up output once). Weight gradients are fp32.
 Weights are quantized once per optimizer step (`kernels.weights`); Dgrad reads the transposed FP8
 copy, so every GEMM operand is K-major. Expert row counts stay on the device (a tensor) or are
 None for a single expert (the dense SwiGLU): nothing here waits for the GPU.
@@ -153,9 +154,8 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
         gu8 = fp8_weight(w_gate_up, pow2, weight_sources[0])
         d8 = fp8_weight(w_down, pow2, weight_sources[1])
         gu = ops.fp8_gemm_grouped_m(xq, xs, gu8.data, gu8.scale, counts, out_dtype)
-        hq, hs = ops.swiglu_quantize_1x128(gu, row_weight, pow2)
+        hq, hs, gu_q, gu_s = ops.swiglu_quantize_1x128(gu, row_weight, pow2, with_input=True)
         y = ops.fp8_gemm_grouped_m(hq, hs, d8.data, d8.scale, counts, out_dtype)
-        gu_q, gu_s = ops.quantize_1x128(gu, pow2)
         # A weight built from sources (a dense SwiGLU's stacked gate and up) is not kept: backward
         # rebuilds it from them, so no copy of it lives per micro-batch in flight.
         built = [w if src is None else None for w, src in zip((w_gate_up, w_down), weight_sources)]

@@ -100,10 +100,10 @@ def quantize_128x1(x, pow2=False, *, x_scale=None, counts=None):
     return _impl(x).quantize_128x1(x, pow2, x_scale=x_scale, counts=counts)
 
 
-def swiglu_quantize_1x128(gu, row_weight=None, pow2=False):
+def swiglu_quantize_1x128(gu, row_weight=None, pow2=False, with_input=False):
     """See `kernels.swiglu.swiglu_quantize_1x128` (fused into one kernel on Triton)."""
     impl = _impl(gu) if _use_triton(gu) else swiglu_reference
-    return impl.swiglu_quantize_1x128(gu, row_weight, pow2)
+    return impl.swiglu_quantize_1x128(gu, row_weight, pow2, with_input)
 
 
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):

@@ -57,8 +57,10 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, row_weight: Optional[torch.Tensor] 
     return h if row_weight is None else h * row_weight.float().unsqueeze(-1)
 
 
-def swiglu_quantize_1x128(gu: torch.Tensor, row_weight: Optional[torch.Tensor] = None,
-                          pow2: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """FP8 1x128 (values, scales) of swiglu(gate, up, row_weight) for gu [T, 2I] = [gate | up]."""
+def swiglu_quantize_1x128(gu: torch.Tensor, row_weight: Optional[torch.Tensor] = None, pow2: bool = False,
+                          with_input: bool = False) -> Tuple[torch.Tensor, ...]:
+    """FP8 1x128 (values, scales) of swiglu(gate, up, row_weight) for gu [T, 2I] = [gate | up], followed
+    with `with_input` by gu's own 1x128 (values, scales)."""
     g, u = gu.float().chunk(2, dim=-1)
-    return quantize_1x128(swiglu(g, u, row_weight), pow2)
+    out = quantize_1x128(swiglu(g, u, row_weight), pow2)
+    return out + quantize_1x128(gu, pow2) if with_input else out

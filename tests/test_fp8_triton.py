@@ -190,9 +190,10 @@ def check_persistent_grouped_gemms_bit_exact():
 
 
 def check_fused_swiglu_quantization_bit_equal():
-    """One kernel from the gate/up output to the FP8 SwiGLU output and its 1x128 scales, bit-equal to the
-    reference (`kernels.swiglu`) and to the unfused path (SwiGLU, then the Triton 1x128 quantizer), with
-    gates past exp's clamp, NaN and Inf, bf16 and fp32 inputs, with and without routing weights."""
+    """One kernel from the gate/up output to the FP8 SwiGLU output and its 1x128 scales (and gate/up's own,
+    fused when I is a multiple of 128), bit-equal to the reference (`kernels.swiglu`) and to the unfused
+    path (SwiGLU, then the Triton 1x128 quantizer), with gates past exp's clamp, NaN and Inf, bf16 and fp32
+    inputs, with and without routing weights."""
     from kernels import swiglu, triton as tk
     for T, I, dtype in ((70, 200, torch.float32), (33, 128, torch.bfloat16)):
         gu = _sample((T, 2 * I), 1.5).to(dtype)
@@ -201,12 +202,14 @@ def check_fused_swiglu_quantization_bit_equal():
         weights = (None, torch.rand(T).to(DEVICE).to(dtype))
         for row_weight in weights:
             for pow2 in (False, True):
-                got = tk.swiglu_quantize_1x128(gu, row_weight, pow2)
-                want = swiglu.swiglu_quantize_1x128(gu, row_weight, pow2)
+                got = tk.swiglu_quantize_1x128(gu, row_weight, pow2, with_input=True)
+                assert len(tk.swiglu_quantize_1x128(gu, row_weight, pow2)) == 2
+                want = swiglu.swiglu_quantize_1x128(gu, row_weight, pow2, with_input=True)
                 g, u = gu.float().chunk(2, dim=-1)
-                unfused = tk.quantize_1x128(swiglu.swiglu(g, u, row_weight), pow2)
+                unfused = tk.quantize_1x128(swiglu.swiglu(g, u, row_weight), pow2) + tk.quantize_1x128(gu, pow2)
                 for name, r, ref in (("data", 0, want), ("scale", 1, want), ("unfused data", 0, unfused),
-                                     ("unfused scale", 1, unfused)):
+                                     ("unfused scale", 1, unfused), ("gu data", 2, want), ("gu scale", 3, want),
+                                     ("unfused gu data", 2, unfused), ("unfused gu scale", 3, unfused)):
                     _same_bits_or_nan(got[r], ref[r], f"fused SwiGLU {name} {dtype} I={I} "
                                                       f"weights={row_weight is not None} pow2={pow2}")
 
