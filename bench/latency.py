@@ -4,7 +4,8 @@ micro-batch with the computation of another).
 
 `InjectedLatency(delay_s)` is a context manager for tests and benchmarks only. Inside it, every
 collective and point-to-point operation of `torch.distributed` (all-to-all, all-reduce,
-reduce-scatter, all-gather, broadcast, send / recv and their asynchronous forms) completes no earlier
+reduce-scatter, all-gather, their single-tensor forms `reduce_scatter_single` / `all_gather_single`
+that ZeRO-1 uses, broadcast, send / recv and their asynchronous forms) completes no earlier
 than `delay_s` after it was started:
 - a blocking call runs the real operation, then sleeps for what is left of `delay_s`;
 - an asynchronous call (`async_op=True`, `isend`, `irecv`, and so `batch_isend_irecv` on gloo)
@@ -26,8 +27,9 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 ASYNC_BY_DEFAULT = ("isend", "irecv")
-BLOCKING_OR_ASYNC = ("all_to_all_single", "all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor",
-                     "all_gather", "reduce_scatter", "broadcast", "reduce", "send", "recv")
+BLOCKING_OR_ASYNC = tuple(name for name in (
+    "all_to_all_single", "all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor",
+    "all_gather_single", "all_gather", "reduce_scatter", "broadcast", "reduce", "send", "recv") if hasattr(c10d, name))
 
 
 class DelayedWork:

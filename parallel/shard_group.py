@@ -9,8 +9,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+def _reduce_scatter(*args, **kwargs):
+    """`dist.reduce_scatter_single` where torch has it, else `reduce_scatter_tensor`; looked up at each
+    call, so wrappers installed on `torch.distributed` later (bench/latency.py) see the call."""
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
+def _all_gather(*args, **kwargs):
+    """`dist.all_gather_single` where torch has it, else `all_gather_into_tensor`; looked up at each call."""
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
 def chunk_range(n: int, parts: int, index: int) -> Tuple[int, int]:
@@ -76,7 +84,7 @@ class ShardGroup:
         if self.group is None:
             recv.copy_(send[0])
         else:
-            work = _REDUCE_SCATTER(recv, send.view(-1), group=self.group, async_op=True)
+            work = _reduce_scatter(recv, send.view(-1), group=self.group, async_op=True)
 
         def pieces() -> List[torch.Tensor]:
             out, offset = [], 0
@@ -101,7 +109,7 @@ class ShardGroup:
             self._pad_into(send[offset:offset + numel], self.local_slice(p.data), shape)
             offset += numel
         recv = torch.empty(self.size, self.length, dtype=dtype, device=self.device)
-        _ALL_GATHER(recv.view(-1), send, group=self.group)
+        _all_gather(recv.view(-1), send, group=self.group)
         for r in range(self.size):
             offset = 0
             for p, shape, numel in zip(self.params, self.piece, self.piece_numel):

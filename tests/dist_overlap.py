@@ -26,13 +26,14 @@ from bench.latency import InjectedLatency  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from model.transformer import Transformer, lm_loss  # noqa: E402
-from parallel import grad_buckets, shard_group  # noqa: E402
+from parallel import grad_buckets  # noqa: E402
 from parallel.data_parallel import Zero1  # noqa: E402
 from parallel.dispatch import make_dispatcher  # noqa: E402
 from parallel.expert_parallel import ExpertParallel, keep_expert_slice, reduce_gradients  # noqa: E402
 from parallel.mesh import build_layout  # noqa: E402
 
 DELAY = 0.3
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 FAILURES = []
 CFG = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
                   num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, n_routed_experts=8,
@@ -198,7 +199,7 @@ def check_buckets():
         model = transformer()
         zero = Zero1(model.named_parameters(), dp, sgd)
         line = Timeline()
-        restore = logging_collective(shard_group, "_REDUCE_SCATTER", line, "bucket")
+        restore = logging_collective(dist, REDUCE_SCATTER, line, "bucket")
         if armed:
             zero.expect_backwards(2)
         try:

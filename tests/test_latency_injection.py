@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from bench.latency import InjectedLatency
+from parallel.shard_group import ShardGroup
 
 DELAY = 0.08
 
@@ -51,6 +52,24 @@ def test_async_wait_sleeps_without_cpu_and_hides_behind_compute(one_rank_group):
         work.wait()
         overlapped = time.monotonic() - t0
     assert overlapped < 1.5 * DELAY, f"compute did not hide the delay: {overlapped:.3f} s"
+
+
+def test_zero1_reduce_scatter_and_all_gather_are_delayed(one_rank_group):
+    """ZeRO-1's packed reduce-scatter (asynchronous) and the single-tensor all-gather are delayed."""
+    p = torch.nn.Parameter(torch.arange(6.0).view(3, 2))
+    shards = ShardGroup([p], 0, dist.group.WORLD)
+    with InjectedLatency(DELAY) as lat:
+        t0 = time.monotonic()
+        pending = shards.start_reduce_scatter([p.detach() * 2], torch.float32)
+        started = time.monotonic() - t0
+        (piece,) = pending.result()
+        reduced = time.monotonic() - t0
+        t0 = time.monotonic()
+        dist.all_gather_single(torch.empty(2), torch.ones(2))
+        gathered = time.monotonic() - t0
+    assert started < DELAY <= reduced and gathered >= DELAY
+    assert torch.equal(piece, torch.arange(6.0).view(3, 2) * 2)
+    assert lat.counts == {"reduce_scatter_single": 1, "all_gather_single": 1}
 
 
 def test_patches_are_removed_on_exit(one_rank_group):
