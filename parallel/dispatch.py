@@ -52,12 +52,12 @@ import torch.distributed as dist
 from model.moe import GroupedExperts
 
 from .comm import TrafficCounter, fp8_row_bytes, hop_groups
-from .dispatch_flight import MoEFlight, Transit, run_local_experts
+from .dispatch_flight import NO_HOOKS, MoEFlight, Transit, WaitHooks, run_local_experts
 from .dispatch_plan import Hop, Plan, dest_ranks, make_plan
 from .mesh import DISPATCHERS
 
-__all__ = ["ExpertParallelDispatcher", "FlatDispatcher", "HierarchicalDispatcher", "MoEFlight", "make_dispatcher",
-           "run_local_experts", "wire_dtype", "internode_minimum_bytes"]
+__all__ = ["ExpertParallelDispatcher", "FlatDispatcher", "HierarchicalDispatcher", "MoEFlight", "WaitHooks",
+           "make_dispatcher", "run_local_experts", "wire_dtype", "internode_minimum_bytes"]
 
 
 def wire_dtype(x: torch.Tensor) -> torch.dtype:
@@ -78,6 +78,7 @@ class ExpertParallelDispatcher:
     Counters (bytes this rank sent in forward passes since `reset_traffic()`): `a2a_internode_bytes`,
     `a2a_intranode_bytes` (payload: dispatch + combine) and `traffic.bytes` for the detail.
     `last_nodes_per_token` holds, for the last call, how many nodes each token was sent to.
+    `wait_hooks` (`dispatch_flight.WaitHooks`, no-ops by default) run around every blocking wait.
     """
 
     hop_node_size: int  # ranks per node of the hop structure (set by the subclass)
@@ -94,6 +95,7 @@ class ExpertParallelDispatcher:
         self.fp8 = fp8
         self.traffic = TrafficCounter(self.gpus_per_node, self.ep_rank)
         self.last_nodes_per_token: Optional[torch.Tensor] = None
+        self.wait_hooks: WaitHooks = NO_HOOKS
         self.rail_group, self.node_group = hop_groups(ep_group, self.hop_node_size)
 
     @property
@@ -108,10 +110,14 @@ class ExpertParallelDispatcher:
         self.traffic.reset()
 
     def plan(self, topk_idx_TK: torch.Tensor, experts_per_rank: int) -> Plan:
-        """Every hop's counts for these tokens (one exchange over the EP group, one host read)."""
+        """Every hop's counts for these tokens (one exchange over the EP group, one host read; the
+        wait hooks run around it)."""
+        self.wait_hooks.before()
         with torch.no_grad():
-            return make_plan(topk_idx_TK, experts_per_rank, self.group, self.hop_node_size,
+            plan = make_plan(topk_idx_TK, experts_per_rank, self.group, self.hop_node_size,
                              self.rail_group, self.node_group)
+        self.wait_hooks.after()
+        return plan
 
     def start(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
               experts: GroupedExperts) -> MoEFlight:
@@ -119,7 +125,7 @@ class ExpertParallelDispatcher:
         plan = self.plan(topk_idx_TK, experts.num_experts)
         wire = wire_dtype(x_TD)
         pow2 = bool(getattr(experts, "fp8_pow2", False)) and bool(getattr(experts, "takes_fp8_input", False))
-        transit = Transit(plan, x_TD.shape[1], topk_idx_TK.shape[1], wire, self.fp8, pow2)
+        transit = Transit(plan, x_TD.shape[1], topk_idx_TK.shape[1], wire, self.fp8, pow2, self.wait_hooks)
         flight = MoEFlight(transit, x_TD, topk_idx_TK, topk_weight_TK, experts)
         self._account(plan.hops, x_TD.shape[1], wire, topk_idx_TK.shape[1])
         return flight

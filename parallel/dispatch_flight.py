@@ -8,7 +8,10 @@ the step's later hops. In backward the roles swap: the wait's node starts the re
 the start's node waits for it, so autograd runs the nodes created between them in forward (the shared
 expert) while the gradients travel. Dispatch rows are packed bytes (payload, hop-level expert ids,
 gate weights: one all-to-all per hop); with an FP8 payload the experts that take FP8 input read the
-received e4m3 bytes and scales as their first GEMM's operand.
+received e4m3 bytes and scales as their first GEMM's operand. Every blocking wait (an all-to-all of a
+hop in either direction, and the counts exchange) runs between a `WaitHooks`' `before()` and
+`after()`: no-ops by default; a schedule that interleaves two micro-batches (parallel/pipeline_overlap.py)
+sets hooks that let the other micro-batch compute while this one waits.
 """
 from __future__ import annotations
 
@@ -21,6 +24,21 @@ from model.moe import GroupedExperts, count_per_expert
 from .comm import (PendingRows, dequantize_rows_fp8, fp8_row_bytes, pack_rows, quantize_rows_fp8, split_rows_fp8,
                    start_all_to_all_rows, unpack_rows)
 from .dispatch_plan import Hop, Plan, route
+
+
+class WaitHooks:
+    """Called around each blocking communication wait of a dispatch or combine, forward and backward:
+    `before()` just before the thread blocks, `after()` once the data is there. Does nothing; subclass
+    it and set it as the dispatcher's `wait_hooks`."""
+
+    def before(self) -> None:
+        """The calling thread is about to block on communication."""
+
+    def after(self) -> None:
+        """The communication the thread waited for has completed."""
+
+
+NO_HOOKS = WaitHooks()
 
 
 def _sum_copies(rows: torch.Tensor, hop: Hop) -> torch.Tensor:
@@ -36,8 +54,10 @@ class Transit:
     through ctx). Directions: `forward` sends copies to the peers (dispatch, combine's backward),
     `backward` sends them back and sums them (combine, dispatch's backward)."""
 
-    def __init__(self, plan: Plan, D: int, K: int, wire: torch.dtype, fp8: bool, pow2: bool):
+    def __init__(self, plan: Plan, D: int, K: int, wire: torch.dtype, fp8: bool, pow2: bool,
+                 hooks: WaitHooks = NO_HOOKS):
         self.plan, self.D, self.K, self.wire, self.fp8, self.pow2 = plan, D, K, wire, fp8, pow2
+        self.hooks = hooks
         self.payload_bytes = fp8_row_bytes(D) if fp8 else D * torch.finfo(wire).bits // 8
         self.pending: Optional[PendingRows] = None
         self.idx_CK: Optional[torch.Tensor] = None
@@ -49,7 +69,10 @@ class Transit:
 
     def _finish(self) -> torch.Tensor:
         pending, self.pending = self.pending, None
-        return pending.wait()
+        self.hooks.before()
+        rows = pending.wait()
+        self.hooks.after()
+        return rows
 
     # -- dispatch: rows are packed (payload bytes, hop-level expert ids int32, gate weights fp32) --
     def _dispatch_rows(self, payload: torch.Tensor, idx_RK: torch.Tensor, w_bytes: torch.Tensor, hop: Hop) -> None:

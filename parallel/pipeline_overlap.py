@@ -4,18 +4,20 @@ In DualPipeV's steady phase each rank runs OVERLAP_F_B actions: the forward of o
 one of its two stages and the backward of another micro-batch on the other stage. torch's pipelining
 runtime runs the two one after the other unless a function is registered for that action type;
 `DualPipeOverlap` registers one that runs the backward chunk in a helper thread and the forward
-chunk in the calling thread, and hands a *baton* (the right to compute) between them at the MoE
-layers' communication boundaries:
+chunk in the calling thread, and hands a *baton* (the right to compute) between them exactly where a
+chunk would block on communication:
 
-    forward chunk:   attention, router | dispatch | experts (MLP) | combine | next layer ...
-    backward chunk:  ... | combine^-1 | experts^-1 | dispatch^-1 | router^-1, attention^-1 ...
+    forward chunk:   attention, router | counts | shared expert | dispatch wait | experts | combine wait | ...
+    backward chunk:  ... | combine^-1 wait | experts^-1, shared expert^-1 | dispatch^-1 wait | router^-1, attention^-1
 
-A chunk gives the baton away when it enters a dispatch or a combine (the all-to-all of one chunk then
-travels while the other computes) and waits for it when its all-to-all is done: the attention,
-dispatch, MLP and combine of the two chunks interleave as in Figure 4. The boundaries are module hooks
-on every MoE layer (after the router, around the routed experts, after the layer) and, for the
-backward, gradient hooks on the same tensors; nothing in `model/` knows about them. Outside an
-overlapped action the hooks do nothing.
+A chunk holds the baton while it computes (attention, router, shared expert, experts) and gives it away
+just before it blocks in a wait: the counts exchange and every all-to-all wait of the MoE layers'
+dispatch and combine, forward and backward (`BatonWaitHooks`, the dispatchers' `wait_hooks`, called by
+parallel/dispatch_flight.py), and the wait for its pipeline input; it takes the baton back once the data
+is there. The attention, dispatch, MLP and combine of the two chunks thus interleave as in Figure 4.
+Which chunk waits is told by the thread: the forward chunk runs in the calling thread, everything else
+(the backward chunk's autograd, on CPU in the helper thread, on CUDA in autograd's device threads) is
+the backward chunk. Outside an overlapped action the hooks do nothing; nothing in `model/` knows of them.
 
 Order of collectives: the two chunks run on different stages, and the upper stage of the V (stages
 P..2P-1) talks to its expert-parallel peers over a second communicator with the same ranks (a copy of
@@ -40,6 +42,8 @@ from torch import nn
 from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, OVERLAP_F_B
 
 from model.moe import MoE
+
+from .dispatch import ExpertParallelDispatcher, WaitHooks
 
 FWD, BWD = "F", "B"
 COMPUTE, COMM = "compute", "comm"
@@ -112,35 +116,24 @@ def _other(side: str) -> str:
     return BWD if side == FWD else FWD
 
 
-class MoEBoundaries:
-    """Hand-off points on MoE layers: the forward side switches in module hooks (in the forward
-    chunk's thread only), the backward side in gradient hooks registered on the same tensors."""
+class BatonWaitHooks(WaitHooks):
+    """Dispatcher wait hooks: a chunk gives the baton away before it blocks on an all-to-all and takes
+    it back after (the forward chunk is the thread that opened the action, any other thread is the
+    backward chunk)."""
 
     def __init__(self, baton: Baton) -> None:
         self.baton = baton
-        self.handles: List[torch.utils.hooks.RemovableHandle] = []
 
-    def install(self, moe: MoE) -> None:
-        self.handles += [
-            moe.gate.register_forward_hook(lambda m, args, out: self._boundary(COMM, out[1])),
-            moe.experts.register_forward_pre_hook(lambda m, args: self._boundary(COMPUTE, args[0])),
-            moe.experts.register_forward_hook(lambda m, args, out: self._boundary(COMM, out)),
-            moe.register_forward_hook(lambda m, args, out: self._boundary(COMPUTE, out)),
-        ]
+    def _side(self) -> str:
+        return FWD if threading.get_ident() == self.baton.forward_thread else BWD
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def before(self) -> None:
+        if self.baton.active:
+            self.baton.switch(self._side(), COMM)
 
-    def _boundary(self, step: str, tensor: torch.Tensor) -> None:
-        """Forward reaches `step`; the backward passes the same point in the opposite direction."""
-        baton = self.baton
-        if baton.active and threading.get_ident() == baton.forward_thread:
-            baton.switch(FWD, step)
-        if tensor.requires_grad and torch.is_grad_enabled():
-            back = COMPUTE if step == COMM else COMM
-            tensor.register_hook(lambda grad: baton.switch(BWD, back))
+    def after(self) -> None:
+        if self.baton.active:
+            self.baton.switch(self._side(), COMPUTE)
 
 
 def twin_groups_dispatcher(dispatcher, cache: Dict[int, dist.ProcessGroup]):
@@ -192,8 +185,9 @@ class DualPipeOverlap:
     """Registers the overlapped forward-and-backward with a DualPipeV schedule object.
 
     `stage_modules` are this rank's pipeline stage modules (with `.stage`), `pp` the pipeline size:
-    the MoE layers of stages >= pp get dispatchers on twin communicators, every MoE layer gets the
-    hand-off hooks. `baton.overlaps` counts the hand-offs during communication since construction.
+    the MoE layers of stages >= pp get dispatchers on twin communicators, every expert-parallel
+    dispatcher gets the baton's wait hooks. `baton.overlaps` counts the hand-offs during communication
+    since construction.
     """
 
     def __init__(self, schedule, stage_modules: Sequence[nn.Module], pp: int):
@@ -201,7 +195,7 @@ class DualPipeOverlap:
             raise RuntimeError(f"parallel.overlap=true needs torch's pipelining runtime with register_custom_function "
                                f"(torch >= 2.10), this is torch {torch.__version__}: set parallel.overlap=false")
         self.baton = Baton()
-        self.boundaries = MoEBoundaries(self.baton)
+        hooks = BatonWaitHooks(self.baton)
         self.moe_layers: Dict[int, List[MoE]] = {}
         cache: Dict[int, dist.ProcessGroup] = {}
         twins: Dict[int, object] = {}
@@ -212,7 +206,8 @@ class DualPipeOverlap:
                     if id(moe.dispatcher) not in twins:
                         twins[id(moe.dispatcher)] = twin_groups_dispatcher(moe.dispatcher, cache)
                     moe.dispatcher = twins[id(moe.dispatcher)]
-                self.boundaries.install(moe)
+                if isinstance(moe.dispatcher, ExpertParallelDispatcher):
+                    moe.dispatcher.wait_hooks = hooks
         schedule.register_custom_function(OVERLAP_F_B, self.run)
 
     def run(self, action, ctx) -> None:

@@ -6,7 +6,9 @@ Launched by tests/test_overlap.py. Every collective completes no earlier than DE
   all-to-all started and before it can have completed (start + DELAY), and the routed experts after;
   in backward the shared expert's backward runs after the dispatch's reverse all-to-all started and
   before it can have completed; the overlapped layer's output and gradients equal the layer run with
-  the dispatch and shared expert one after the other (`dispatcher(...)` then the shared expert);
+  the dispatch and shared expert one after the other (`dispatcher(...)` then the shared expert); the
+  dispatcher's wait hooks run around every blocking wait (counts exchange, dispatch and combine, forward
+  and backward) and nowhere else: the shared and routed experts compute outside them;
 - gradient buckets (ep=2 with `ExpertParallel`, dp=2 with ZeRO-1, 2 micro-batches, small buckets): a
   bucket's collective starts before the last backward pass returns, and the reduced gradients equal
   those of the reduction after backward (2 ranks: a sum of two terms, exact in any order).
@@ -28,7 +30,7 @@ from model.moe import MoE  # noqa: E402
 from model.transformer import Transformer, lm_loss  # noqa: E402
 from parallel import grad_buckets  # noqa: E402
 from parallel.data_parallel import Zero1  # noqa: E402
-from parallel.dispatch import make_dispatcher  # noqa: E402
+from parallel.dispatch import WaitHooks, make_dispatcher  # noqa: E402
 from parallel.expert_parallel import ExpertParallel, keep_expert_slice, reduce_gradients  # noqa: E402
 from parallel.mesh import build_layout  # noqa: E402
 
@@ -61,6 +63,19 @@ class Timeline:
         return [t for n, t in self.events if n == name]
 
 
+class MarkingHooks(WaitHooks):
+    """Wait hooks that mark "wait" before blocking and "waited" after on a Timeline."""
+
+    def __init__(self, line):
+        self.line = line
+
+    def before(self):
+        self.line.mark("wait")
+
+    def after(self):
+        self.line.mark("waited")
+
+
 class OneLayer:
     def __init__(self, moe):
         self.moe = moe
@@ -85,6 +100,7 @@ def check_shared_expert_overlap():
     moe = moe_layer(rank)
     x = torch.randn(2, 16, CFG.hidden_size, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     line = Timeline()
+    moe.dispatcher.wait_hooks = MarkingHooks(line)
     moe.shared_experts.register_forward_pre_hook(lambda *_: line.mark("shared forward"))
     moe.experts.register_forward_pre_hook(lambda *_: line.mark("routed forward"))
     moe.shared_experts.down_proj.register_full_backward_hook(lambda *_: line.mark("shared backward"))
@@ -103,6 +119,11 @@ def check_shared_expert_overlap():
             y.square().sum().backward()
         finally:
             dist.all_to_all_single = a2a
+    order = [n for n, _ in line.events if n != "async a2a"]
+    pair = ["wait", "waited"]
+    expected = (pair + ["shared forward"] + pair + ["routed forward"] + pair + ["forward done"]
+                + pair + ["shared backward"] + pair)  # counts, dispatch, combine | combine^-1, dispatch^-1
+    check("wait hooks around every wait and no computation", order == expected, f"{order}")
     starts = line.all("async a2a")
     fwd_start, shared = starts[0], line.first("shared forward")
     check("shared forward after the dispatch started", fwd_start < shared, f"{line.events}")
