@@ -1,4 +1,4 @@
-"""Sizes and training FLOPs of a model config: the model's side of `python -m model.summary`.
+"""Sizes and training FLOPs of a model config: the model's side of `python -m parallel.summary`.
 
 `summarize(cfg, seq_len)`: total_params, active_params, mtp_params, embedding_params (conventions in
 `model/flops.py`) and flops_per_token (forward + backward, MTP included) at `seq_len`. The model is
@@ -6,10 +6,10 @@ also built on the meta device (no memory, so `v3_671b` works on a laptop) and it
 counts are checked against the formulas. `load_model_config` reads `configs/model/<name>.yaml` with
 overrides.
 
-The command `python -m model.summary <model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB]`
+The command `python -m parallel.summary <model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB]`
 prints these figures together with the training memory per GPU of a layout and can search the
-layouts that fit; its options and the memory formula are in parallel/summary.py and
-parallel/memory.py (the layer that knows layouts), to which this module's entry point hands over.
+layouts that fit; it lives in parallel/ (the layer that knows layouts), since model/ imports nothing
+from parallel/.
 """
 from __future__ import annotations
 
@@ -87,8 +87,5 @@ def summarize(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> Dict[str, flo
 
 
 if __name__ == "__main__":
-    # The command composes this module's figures with the memory per GPU of a parallel layout;
-    # it lives in parallel/summary.py because the network knows no parallelism.
-    from parallel.summary import main
-
-    sys.exit(main(sys.argv[1:]))
+    sys.exit("model.summary is a library; the command is `python -m parallel.summary "
+             "<model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB]`")

@@ -1,4 +1,4 @@
-"""Search the layouts of a GPU count that fit a GPU's memory, best first (`model.summary --fit`).
+"""Search the layouts of a GPU count that fit a GPU's memory, best first (`python -m parallel.summary --fit`).
 
 DeepSeek-V3 section 3.2 chose its layout (16-way DualPipe PP x 64-way EP x ZeRO-1 DP on 2048 H800s)
 for memory, pipeline bubble and communication. `fit_layouts` tries every pp (dividing the GPU count

@@ -1,4 +1,4 @@
-"""`python -m model.summary <model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB [--margin GIB]]`.
+"""`python -m parallel.summary <model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB [--margin GIB]]`.
 
 The command composes the model's own figures (model/summary.py: total_params, active_params,
 mtp_params, embedding_params, flops_per_token at `train.seq_len`, default 4096, with the parameter
@@ -8,8 +8,7 @@ formulas checked against a meta-device model) with the memory per GPU of a train
 host_memory_gib_per_gpu (optimizer state offloaded to the host), the layout echoed and, with
 optim.offload=cpu, "offload": {gpu_gib_saved, host_gib_per_node} (a node of parallel.gpus_per_node
 GPUs, default 8).
-It prints one JSON line. It lives here, beside the layouts, because model/ knows no parallelism;
-model/summary.py's command-line entry point only hands over to `main`.
+It prints one JSON line. It lives here, beside the layouts, because model/ knows no parallelism.
 
 Overrides: `hidden_size=512` or `model.hidden_size=512` change the model config,
 `train.seq_len=8192` the sequence length; the layout: `parallel.pp= parallel.dp= parallel.ep=
@@ -90,7 +89,7 @@ def training_defaults(fields: Dict[str, object]) -> Dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.summary", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m parallel.summary", description=__doc__.split("\n")[0])
     p.add_argument("model", help="a model config name under configs/model")
     p.add_argument("overrides", nargs="*", help="key=value (see the module docstring)")
     p.add_argument("--fit", type=int, metavar="GPUS", help="list the layouts of GPUS GPUs that fit, best first")
@@ -113,14 +112,18 @@ def main(argv: Sequence[str]) -> int:
         else:
             memory = memory_per_gpu(cfg, layout)
     except (ValueError, FileNotFoundError) as err:
-        print(f"model.summary: {err}", file=sys.stderr)
+        print(f"parallel.summary: {err}", file=sys.stderr)
         return 2
     if args.fit is not None:
         for row in rows:
             print(json.dumps({"model": args.model, **row}))
         if not rows:
-            print(f"model.summary: no layout of {args.fit} GPUs fits {args.gpu_mem} GiB "
+            print(f"parallel.summary: no layout of {args.fit} GPUs fits {args.gpu_mem} GiB "
                   f"(margin {args.margin} GiB)", file=sys.stderr)
         return 0 if rows else 1
     print(json.dumps({"model": args.model, **summarize(cfg, seq_len), **memory}))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

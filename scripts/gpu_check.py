@@ -13,7 +13,7 @@ Lines (`"check"` names the step; every line has `"ok"`):
   checkpoint in a fresh out_dir: the resumed losses must equal the uninterrupted ones bit for bit
   (GPU runs use train.deterministic=true, README "Exactness");
 - throughput: `small` at 4096 tokens per sequence in bf16 and fp8 (tiny at 128 on CPU): tokens/s, MFU,
-  peak memory against the planner's estimate (`python -m model.summary`);
+  peak memory against the planner's estimate (`python -m parallel.summary`);
 - zero1: torchrun with one process: a process group (NCCL on GPU) at world size 1, ZeRO-1's
   reduce-scatter / all-gather, a checkpoint saved and resumed through it, losses equal to the plain run;
 - dispatch: the flat and the hierarchical expert dispatcher at ep = 1 (all-to-all to itself) against
@@ -200,8 +200,8 @@ def check_train(cuda: bool, out: Path) -> None:
 
 
 def planner_estimate_gib(model: str, seq_len: int, precision: str) -> float:
-    """The planner's memory per GPU for one process at micro-batch 1 (`python -m model.summary`)."""
-    proc = run([sys.executable, "-m", "model.summary", model, f"train.seq_len={seq_len}", "train.micro_batch=1",
+    """The planner's memory per GPU for one process at micro-batch 1 (`python -m parallel.summary`)."""
+    proc = run([sys.executable, "-m", "parallel.summary", model, f"train.seq_len={seq_len}", "train.micro_batch=1",
                 f"precision={precision}", "parallel.zero=false"], 300)
     return float(json_lines(proc.stdout)[-1]["memory_gib_per_gpu"])
 

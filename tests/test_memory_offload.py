@@ -40,7 +40,7 @@ def test_fit_rows_carry_the_offload_figures():
 
 
 def test_summary_command_prints_the_offload_figures():
-    proc = subprocess.run([sys.executable, "-m", "model.summary", "v2_lite", "parallel.ep=8", "precision=fp8",
+    proc = subprocess.run([sys.executable, "-m", "parallel.summary", "v2_lite", "parallel.ep=8", "precision=fp8",
                            "optim.offload=cpu", "parallel.gpus_per_node=4"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -104,7 +104,7 @@ def test_flops_per_token_counts_mtp():
 
 
 def test_summary_cli_prints_one_json_line():
-    out = subprocess.run([sys.executable, "-m", "model.summary", "v3_671b", "train.seq_len=8192"],
+    out = subprocess.run([sys.executable, "-m", "parallel.summary", "v3_671b", "train.seq_len=8192"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -192,19 +192,21 @@ def _fit_all(capsys):
 
 
 def test_model_imports_nothing_from_parallel_training_or_data():
-    """The layering rule: no module of model/ imports parallel/, training/ or data/; the one exception
-    is model.summary's command-line entry point (`if __name__ == "__main__"`), which hands over to
-    parallel/summary.py, the command that composes both."""
+    """The layering rule: no module of model/ imports parallel/, training/ or data/, not even inside a
+    function or a `__main__` block."""
     import ast
     bad = []
     for path in sorted((ROOT / "model").glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in tree.body:
-            if (isinstance(node, ast.If) and path.name == "summary.py"
-                    and ast.unparse(node.test) == "__name__ == '__main__'"):
-                continue
             for sub in ast.walk(node):
                 names = ([a.name for a in sub.names] if isinstance(sub, ast.Import)
                          else [sub.module or ""] if isinstance(sub, ast.ImportFrom) and not sub.level else [])
                 bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("parallel", "training", "data")]
     assert not bad
+
+
+def test_model_summary_as_a_command_names_the_planner_command():
+    out = subprocess.run([sys.executable, "-m", "model.summary", "v3_671b"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "python -m parallel.summary" in out.stderr and not out.stdout
