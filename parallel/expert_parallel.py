@@ -28,7 +28,7 @@ from model.init import materialized_device
 from model.transformer import Transformer
 
 from .dispatch import ExpertParallelDispatcher, make_dispatcher
-from .grad_buckets import AllReduceBucket, BucketedReduction
+from .grad_buckets import AllReduceBucket, BucketedReduction, make_buckets
 from .mesh import ParallelLayout
 
 EXPERT_KEY = ".mlp.experts."
@@ -97,16 +97,11 @@ BUCKET_ELEMENTS = 1 << 24
 
 def _all_reduce_flat(grads: List[torch.Tensor], group: Optional[dist.ProcessGroup], scale: float) -> None:
     """Sum `grads` over `group` and multiply by `scale`, in place, one fp32 bucket of at most
-    BUCKET_ELEMENTS elements (or one tensor when larger) after the other, so the transient copy stays
-    a bucket rather than all gradients; scaled in place without a copy when the group is this rank alone."""
-    start = 0
-    while start < len(grads):
-        end, size = start + 1, grads[start].numel()
-        while end < len(grads) and size + grads[end].numel() <= BUCKET_ELEMENTS:
-            size += grads[end].numel()
-            end += 1
-        AllReduceBucket(grads[start:end], group, scale).finish()
-        start = end
+    BUCKET_ELEMENTS elements (or one tensor when larger) after the other (`grad_buckets.make_buckets`),
+    so the transient copy stays a bucket rather than all gradients; scaled in place without a copy when
+    the group is this rank alone."""
+    for bucket in make_buckets([g.numel() for g in grads], [None] * len(grads), BUCKET_ELEMENTS):
+        AllReduceBucket([grads[i] for i in bucket], group, scale).finish()
 
 
 @torch.no_grad()
