@@ -41,7 +41,7 @@ class Shape(NamedTuple):
 
 def launch_shapes(cfg: dict, tokens: int, experts_per_rank: int) -> List[Shape]:
     """The distinct (kind, N, K) GEMM launches of one layer of each kind of the model, forward and backward."""
-    from .inspect import fp8_modules
+    from .inspect import fp8_modules, routed_counts
     from .linear import ROW_ALIGN
     linears, swiglus = fp8_modules(cfg, experts_per_rank)
     wgrad_m = tokens + (-tokens % ROW_ALIGN)
@@ -49,10 +49,7 @@ def launch_shapes(cfg: dict, tokens: int, experts_per_rank: int) -> List[Shape]:
     for _, k_in, n_out, _ in linears:
         gemms.append((None, tokens, n_out, k_in))
     for name, experts, d, inter in swiglus:
-        counts = None
-        if name == "routed_experts":
-            rows = tokens * cfg["num_experts_per_tok"] * experts // cfg["n_routed_experts"]
-            counts = tuple(rows // experts + (e < rows % experts) for e in range(experts))
+        counts = tuple(routed_counts(cfg, tokens, experts)) if name == "routed_experts" else None
         m = sum(counts) if counts else tokens
         gemms += [(counts, m, 2 * inter, d), (counts, m, d, inter)]
     shapes: Dict[Tuple[str, int, int], Shape] = {}
@@ -157,7 +154,7 @@ def main(argv=None) -> int:
                           "best_ms": round(r["times"][r["best"]], 4), "default_ms": r["default_ms"] and
                           round(r["default_ms"], 4), "device": torch.cuda.get_device_name(device)}))
     if args.write:
-        table = dict(read_table())
+        table = read_table()
         table.update({key: r["best"] for key, r in results.items()})
         write_table(table)
         print(f"kernels.autotune: {len(results)} entries written to {CONFIGS_PY}")

@@ -64,6 +64,12 @@ def fp8_modules(cfg: dict, experts_per_rank: int) -> Tuple[List[Tuple[str, int, 
     return linears, swiglus
 
 
+def routed_counts(cfg: dict, tokens: int, experts: int) -> List[int]:
+    """Rows of each of a rank's `experts` routed experts under balanced routing of `tokens` tokens (top-k of all)."""
+    rows = tokens * cfg["num_experts_per_tok"] * experts // cfg["n_routed_experts"]
+    return [rows // experts + (e < rows % experts) for e in range(experts)]
+
+
 def _record(fn) -> list:
     from .triton.launch import recording
     with recording() as launches:
@@ -98,10 +104,8 @@ def record_launches(cfg: dict, tokens: int, experts_per_rank: int) -> List[Tuple
             w = torch.empty(n, k, device=meta, requires_grad=True)
             run(name, lambda: fp8_linear(x, w, True, e5m6))
         for name, experts, d, inter in swiglus:
-            counts = None  # the dense and shared SwiGLUs run ungrouped (model.fp8)
-            if name == "routed_experts":
-                rows = tokens * cfg["num_experts_per_tok"] * experts // cfg["n_routed_experts"]
-                counts = [rows // experts + (e < rows % experts) for e in range(experts)]
+            # the dense and shared SwiGLUs run ungrouped (model.fp8)
+            counts = routed_counts(cfg, tokens, experts) if name == "routed_experts" else None
             x = torch.empty(sum(counts) if counts else tokens, d, device=meta, dtype=torch.bfloat16,
                             requires_grad=True)
             gu = torch.empty(experts, 2 * inter, d, device=meta, requires_grad=True)

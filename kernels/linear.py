@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
+from .groups import as_counts
 from .swiglu import silu
 from .weights import fp8_weight
 
@@ -117,12 +118,11 @@ class FP8LinearFunction(torch.autograd.Function):
             dyq, dys = ops.quantize_1x128(dy2, pow2)
             dx = ops.fp8_gemm(dyq, dys, w8.data_t, w8.scale_t, x_dtype).view(x_shape)
         if ctx.needs_input_grad[1] and want_dw:
-            pad = -dy2.shape[0] % ROW_ALIGN
-            dyt, dyts = ops.quantize_128x1(_pad_rows(dy2, pad), pow2)
+            dyt, dyts = _quantize_wgrad_operand(dy2, pow2, None)
             if ctx.e5m6:
-                xt, xts = ops.quantize_128x1(_pad_rows(ops.dequantize_e5m6(xq, xs, x_shape[-1]), pad), pow2)
+                xt, xts = _quantize_wgrad_operand(ops.dequantize_e5m6(xq, xs, x_shape[-1]), pow2, None)
             else:
-                xt, xts = ops.quantize_128x1(_pad_rows(xq, pad), pow2, x_scale=_pad_rows(xs, pad))
+                xt, xts = _quantize_wgrad_operand(xq, pow2, None, xs)
             dw = ops.fp8_gemm(dyt, dyts, xt, xts, torch.float32)
         return dx, dw, None, None
 
@@ -212,8 +212,8 @@ class FP8SwiGLUExpertsFunction(torch.autograd.Function):
 
 def _quantize_wgrad_operand(t: torch.Tensor, pow2: bool, counts: Optional[torch.Tensor],
                             scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """128x1 quantization of a Wgrad operand: grouped by expert, or (one expert) with its rows padded to
-    ROW_ALIGN as the FP8 Linear does (aligned, pipelined loads in the Wgrad GEMM)."""
+    """128x1 quantization of a Wgrad operand (of the experts or the FP8 Linear): grouped by expert, or
+    (counts None) with its rows padded to ROW_ALIGN (aligned, pipelined loads in the Wgrad GEMM)."""
     if counts is None:
         pad = -t.shape[0] % ROW_ALIGN
         t, scale = _pad_rows(t, pad), None if scale is None else _pad_rows(scale, pad)
@@ -244,9 +244,7 @@ def fp8_swiglu_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     FP8 dispatch payload), read by the first GEMM instead of quantizing x again. Returns [T, D] in x's
     dtype (the autocast dtype under autocast). Gradients of the weights are fp32.
     """
-    if counts is not None and not isinstance(counts, torch.Tensor):
-        counts = torch.tensor([int(c) for c in counts], dtype=torch.long)
     if counts is not None:
-        counts = counts.to(x.device)
+        counts = as_counts(counts, x.device)
     return FP8SwiGLUExpertsFunction.apply(x, w_gate_up, w_down, counts, pow2, row_weight, tuple(weight_sources),
                                           x_fp8)
