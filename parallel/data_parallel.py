@@ -58,7 +58,7 @@ holds fp32 weights, whatever the parameter dtype or offload setting of the run t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -168,11 +168,17 @@ class Zero1:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def expect_backwards(self, n: int) -> None:
+    def expect_backwards(self, n: int, uses: Optional[Dict[int, int]] = None) -> None:
         """This step runs `n` backward passes (micro-batches): buckets start after the last one (when
-        there is anything to communicate: on one process the gradients stay until `reduce_gradients`)."""
+        there is anything to communicate: on one process the gradients stay until `reduce_gradients`).
+        `uses`: additions per pass of shared parameters (`grad_buckets.BucketedReduction.expect`)."""
         if any(g.group is not None and dist.get_world_size(g.group) > 1 for g in self.bucket_groups):
-            self.buckets.expect(n)
+            self.buckets.expect(n, uses)
+
+    def added_outside_autograd(self, params: Iterable[nn.Parameter]) -> ContextManager[None]:
+        """Around a zero-bubble schedule's weight step: count the gradients it adds without autograd's
+        hooks (`grad_buckets.BucketedReduction.added_outside_autograd`)."""
+        return self.buckets.added_outside_autograd(params)
 
     def _start_bucket(self, bucket: int, indices: List[int]) -> "_ShardBucket":
         pending = self.bucket_groups[bucket].start_reduce_scatter([self._full_grad(i) for i in indices],

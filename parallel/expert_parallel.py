@@ -120,6 +120,38 @@ def reduce_gradients(named_params: Iterable, layout: ParallelLayout) -> None:
     _all_reduce_flat(expert, layout.expert_grad_group, 1.0 / replicas)
 
 
+class GradientAllReduce:
+    """The gradients of `named_params` averaged as `reduce_gradients` does, in buckets all-reduced
+    during the backward pass (`parallel/grad_buckets.py`): `expect_backwards(n)` before a step of n
+    backward passes, `reduce_gradients()` after it; `added_outside_autograd(params)` wraps a
+    zero-bubble schedule's weight step (gradients added without autograd's hooks)."""
+
+    def __init__(self, named_params: Iterable, layout: ParallelLayout):
+        self.layout = layout
+        named = list(named_params)
+        self.params = [p for _, p in named]
+        self.expert = [is_expert_param(n) for n, _ in named]
+        self.buckets = BucketedReduction(self.params, self.expert, self._start_bucket)
+        self.added_outside_autograd = self.buckets.added_outside_autograd
+
+    def _start_bucket(self, _bucket: int, indices: List[int]) -> AllReduceBucket:
+        for i in indices:
+            if self.params[i].grad is None:
+                self.params[i].grad = torch.zeros_like(self.params[i])
+        group = self.layout.expert_grad_group if self.expert[indices[0]] else self.layout.dense_grad_group
+        return AllReduceBucket([self.params[i].grad for i in indices], group,
+                               1.0 / (self.layout.dp * self.layout.ep))
+
+    def expect_backwards(self, n: int, uses: Optional[Dict[int, int]] = None) -> None:
+        """This step runs `n` backward passes (micro-batches): buckets start after the last one.
+        `uses`: additions per pass of shared parameters (`grad_buckets.BucketedReduction.expect`)."""
+        self.buckets.expect(n, uses)
+
+    def reduce_gradients(self) -> None:
+        """Start what is left, wait for every bucket, write the averaged gradients."""
+        self.buckets.finish()
+
+
 def shard_expert_state(state: Dict[str, Any], layout: ParallelLayout,
                        is_expert: Callable[[str], bool] = is_expert_param) -> Dict[str, Any]:
     """Wrap the expert tensors of a (nested) state dict as DTensors Shard(0) over the EP mesh dim.
@@ -185,26 +217,15 @@ class ExpertParallel:
                                                                     layout.ranks_per_ep_node, fp8=fp8)
         shard_experts(model, layout.ep_rank, layout.ep, self.dispatcher)
         self.device = materialized_device(model)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        self.expert = [is_expert_param(n) for n, _ in named]
-        self.buckets = BucketedReduction(self.params, self.expert, self._start_bucket)
-
-    def _start_bucket(self, _bucket: int, indices: List[int]) -> AllReduceBucket:
-        for i in indices:
-            if self.params[i].grad is None:
-                self.params[i].grad = torch.zeros_like(self.params[i])
-        group = self.layout.expert_grad_group if self.expert[indices[0]] else self.layout.dense_grad_group
-        return AllReduceBucket([self.params[i].grad for i in indices], group,
-                               1.0 / (self.layout.dp * self.layout.ep))
+        self.gradients = GradientAllReduce([(n, p) for n, p in model.named_parameters() if p.requires_grad], layout)
 
     def expect_backwards(self, n: int) -> None:
         """This step runs `n` backward passes (micro-batches): buckets start after the last one."""
-        self.buckets.expect(n)
+        self.gradients.expect_backwards(n)
 
     def reduce_gradients(self) -> None:
         """Average the gradients as `reduce_gradients` does (buckets started during backward finished)."""
-        self.buckets.finish()
+        self.gradients.reduce_gradients()
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:

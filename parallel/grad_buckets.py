@@ -5,11 +5,14 @@ Parameters are grouped into buckets of at most `BUCKET_ELEMENTS` elements, in re
 model's parameters (the order in which backward produces their gradients), never mixing two
 reduction groups (dense / expert). A hook after each parameter's gradient accumulation counts the
 backward passes that reached it; once every parameter of a bucket has received the step's last one
-(`expect(n)`: n backward passes per step, one per micro-batch), the bucket's collective is started
+(`expect(n)`: n backward passes per step, one per micro-batch; a parameter shared by several
+pipeline stages of this rank gets one addition per stage and pass), the bucket's collective is started
 asynchronously (an all-reduce, or ZeRO-1's reduce-scatter) while backward goes on. Buckets are
 started strictly in bucket order, so every rank issues the same collectives in the same order.
-`finish()` (before the optimizer) starts what is left (parameters no hook saw: unused in this step,
-or whose weight gradients a zero-bubble schedule adds outside autograd's accumulation), waits for
+The zero-bubble pipeline schedules (ZB-V, DualPipeV) add some weight gradients outside autograd's
+accumulation (`grad += dw`), which no hook sees: they run those steps inside
+`added_outside_autograd(params)`, which counts every parameter whose gradient changed there without a
+hook. `finish()` (before the optimizer) starts what is left (parameters unused in this step), waits for
 every bucket and writes the results. Without `expect` nothing starts early: `finish()` then reduces
 everything, bucket by bucket, as a blocking reduction would.
 
@@ -17,7 +20,8 @@ A gradient changed after its bucket started would be lost: a hook that fires aft
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set
 
 import torch
 import torch.distributed as dist
@@ -54,11 +58,14 @@ class BucketedReduction:
         self.start_bucket = start
         self.buckets = make_buckets([p.numel() for p in params], kinds, cap or BUCKET_ELEMENTS)
         self.bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
-        self.expected: Optional[int] = None
+        self.expected: Optional[List[int]] = None
         self.seen: Dict[int, int] = {}
         self.complete = [0] * len(self.buckets)
         self.pending: List[Any] = []
-        for i, p in enumerate(params):
+        self.params = list(params)
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self._hooked: Optional[Set[int]] = None
+        for i, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda _p, i=i: self._accumulated(i))
 
     @property
@@ -66,20 +73,43 @@ class BucketedReduction:
         """Buckets started in this step so far."""
         return len(self.pending)
 
-    def expect(self, backwards: int) -> None:
-        """This step runs `backwards` backward passes: start each bucket after its last one."""
-        self.expected, self.seen = backwards, {}
+    def expect(self, backwards: int, uses: Optional[Mapping[int, int]] = None) -> None:
+        """This step runs `backwards` backward passes: start each bucket after its last one. `uses`
+        (id(parameter) -> count, default 1) says how many gradient additions each backward pass
+        makes to a parameter that several separately differentiated parts share (e.g. the embedding of
+        the first pipeline stage and of the MTP module on the last stage of a V-shaped schedule)."""
+        uses = uses or {}
+        self.expected = [backwards * uses.get(id(p), 1) for p in self.params]
+        self.seen = {}
         self.complete = [0] * len(self.buckets)
 
+    @contextlib.contextmanager
+    def added_outside_autograd(self, params: Iterable[nn.Parameter]) -> Iterator[None]:
+        """Around a step that may add gradients to `params` without autograd's accumulation (a
+        zero-bubble schedule's weight step): each of them whose `.grad` changed (replaced or written in
+        place) and whose hook did not fire meanwhile counts as one backward pass reaching it."""
+        watched = [self.index[id(p)] for p in params if id(p) in self.index]
+        before = {i: _grad_identity(self.params[i]) for i in watched}
+        self._hooked = set()
+        try:
+            yield
+        finally:
+            hooked, self._hooked = self._hooked, None
+        for i in watched:
+            if i not in hooked and _grad_identity(self.params[i]) != before[i]:
+                self._accumulated(i)
+
     def _accumulated(self, index: int) -> None:
+        if self._hooked is not None:
+            self._hooked.add(index)
         if self.expected is None:
             return
         bucket = self.bucket_of[index]
         if bucket < self.started:
             raise RuntimeError(f"a gradient was accumulated after its bucket's reduction started (more than "
-                               f"{self.expected} backward passes this step?)")
+                               f"{self.expected[index]} gradient additions to parameter {index} this step?)")
         self.seen[index] = self.seen.get(index, 0) + 1
-        if self.seen[index] == self.expected:
+        if self.seen[index] == self.expected[index]:
             self.complete[bucket] += 1
             while self.started < len(self.buckets) and \
                     self.complete[self.started] == len(self.buckets[self.started]):
@@ -98,6 +128,11 @@ class BucketedReduction:
             work.finish()
         self.pending, self.expected, self.seen = [], None, {}
         self.complete = [0] * len(self.buckets)
+
+
+def _grad_identity(p: nn.Parameter) -> Optional[tuple]:
+    """What changes when `p.grad` is replaced or written in place (None without a gradient)."""
+    return None if p.grad is None else (id(p.grad), p.grad._version)
 
 
 class AllReduceBucket:

@@ -15,7 +15,8 @@ combined over the pipeline group by the helpers below.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,16 +32,27 @@ from .pipeline_stages import V_SHAPED, LocalModel, StageModule, check_schedule, 
 
 
 class _Stage(PipelineStage):
-    """PipelineStage whose backward steps tell the FP8 kernels which gradients they are for.
+    """PipelineStage whose backward steps tell the FP8 kernels which gradients they are for, and
+    whose weight steps tell the gradient reduction which gradients they added.
 
     The zero-bubble schedules (zbv, dualpipev) split a stage's backward into an input step and a
     later weight step, and torch runs the custom autograd functions' backward in both; inside
     `kernels.linear.backward_phase` each step computes only its own GEMMs (and an MLA recompute
-    runs once)."""
+    runs once). The weight step adds gradients with `grad += dw`, outside autograd's accumulation
+    and its hooks: it runs inside `weight_grads_added(parameters)` (set by `Pipeline.
+    report_weight_gradients`; nothing by default), so buckets reduced during backward still start
+    once their last gradient is in."""
+
+    weight_grads_added: Callable[[List[torch.nn.Parameter]], ContextManager[None]] = staticmethod(
+        lambda _params: nullcontext())
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
         with backward_phase(backward_type):
             return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward=last_backward)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False):
+        with self.weight_grads_added(list(self.submod.parameters())):
+            return super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
 
 
 class _MicroBatchLoss:
@@ -106,6 +118,22 @@ class Pipeline:
         self._last_rank = dist.get_global_rank(pp_group, stage_rank(self.n_stages - 1, self.pp, schedule))
         self.overlap = (DualPipeOverlap(self.schedule, self.stage_modules, self.pp)
                         if overlap and schedule == "dualpipev" else None)
+
+    def report_weight_gradients(self, added: Callable[[List[torch.nn.Parameter]], ContextManager[None]]) -> None:
+        """Run every weight step (zbv, dualpipev) inside `added(stage parameters)`, e.g. a gradient
+        reduction's `added_outside_autograd`, which sees the gradients those steps add."""
+        for stage in self.stages:
+            stage.weight_grads_added = added
+
+    def parameter_uses(self) -> Dict[int, int]:
+        """id(parameter) -> how many of this rank's stages hold it, where more than one does (the
+        embedding shared by the first stage and the MTP module of a V-shaped schedule): each stage's
+        backward adds to its gradient once per micro-batch."""
+        counts: Dict[int, int] = {}
+        for module in self.stage_modules:
+            for p in module.parameters():
+                counts[id(p)] = counts.get(id(p), 0) + 1
+        return {k: v for k, v in counts.items() if v > 1}
 
     @property
     def mtp_weight(self) -> float:

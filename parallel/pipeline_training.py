@@ -5,7 +5,9 @@ collectives of a step.
 DeepSeek-V3 section 3.2 (DualPipe pipeline, EP, ZeRO-1). With pp > 1 the model runs through
 `parallel.pipeline.Pipeline`; with pp = 1 the micro-batches run one after the other on the whole
 (expert-sharded) model. Gradients are reduced as `parallel.expert_parallel.reduce_gradients` does
-(dense: mean over dp x ep; experts: sum over dp / (dp x ep)), or by `parallel.data_parallel.Zero1`.
+(dense: mean over dp x ep; experts: sum over dp / (dp x ep)), by `GradientAllReduce` or by
+`parallel.data_parallel.Zero1`, in buckets started during the backward passes (the zero-bubble
+schedules' weight steps included).
 Statistics that live on several pipeline ranks are combined over the pipeline group: the gradient
 norm (squares summed), MaxVio (max), the balance loss (sum). The expert load of this rank's MoE
 layers is summed over the dp x ep ranks that route tokens (the bias update's global load).
@@ -23,12 +25,10 @@ from model.init import materialized_device
 from model.transformer import Transformer, lm_loss, maxvio
 
 from .data_parallel import Zero1
-from .expert_parallel import local_state, param_grad_norms, reduce_gradients, shard_expert_state
+from .expert_parallel import GradientAllReduce, local_state, param_grad_norms, shard_expert_state
 from .mesh import ParallelLayout
 from .pipeline import Pipeline
 
-
-SPLIT_BACKWARD = ("zbv", "dualpipev")  # schedules whose weight gradients bypass autograd's accumulation
 
 
 class PipelineParallel:
@@ -64,16 +64,20 @@ class PipelineParallel:
         masters = offload or any(p.dtype != torch.float32 for _, p in named)
         self.zero = Zero1(named, layout, make_optimizer, shard=zero, offload=offload) if zero or masters else None
         self.optimizer = self.zero if self.zero is not None else make_optimizer(named)
+        self.gradients = self.zero if self.zero is not None else GradientAllReduce(named, layout)
+        if self.pipe is not None:
+            self.pipe.report_weight_gradients(self.gradients.added_outside_autograd)
 
     # ---- the step --------------------------------------------------------------------------
     def forward_backward(self, rows: torch.Tensor, *, mtp_lambda: float, alpha: float,
                          autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
         """Forward and backward of this replica's rows; returns this replica's mean [loss, mtp, balance].
-        ZeRO-1's reduce-scatters start during the backward passes, except under the zero-bubble schedules,
-        which add weight gradients outside autograd's accumulation (they run in `reduce_gradients`)."""
-        if self.zero is not None and (self.pipe is None or self.pipe.schedule_name not in SPLIT_BACKWARD):
-            self.zero.expect_backwards(self.n_microbatches if self.pipe is not None
-                                       else -(-rows.shape[0] // self.micro_batch))
+        The gradient reduction (all-reduce, or ZeRO-1's reduce-scatter) starts bucket by bucket during
+        the backward passes, as each bucket's last gradient arrives (`reduce_gradients` finishes it)."""
+        if self.pipe is not None:
+            self.gradients.expect_backwards(self.n_microbatches, self.pipe.parameter_uses())
+        else:
+            self.gradients.expect_backwards(-(-rows.shape[0] // self.micro_batch))
         if self.pipe is not None:
             self.pipe.set_mtp_weight(mtp_lambda)
             self.pipe.set_balance_loss_weight(alpha / self.n_microbatches)
@@ -101,10 +105,8 @@ class PipelineParallel:
         return values / self.replicas
 
     def reduce_gradients(self) -> None:
-        if self.zero is not None:
-            self.zero.reduce_gradients()
-        else:
-            reduce_gradients(self.named, self.layout)
+        """Finish the reduction started during backward: averaged gradients (ZeRO-1: this rank's shards)."""
+        self.gradients.reduce_gradients()
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:

@@ -193,7 +193,7 @@ def check_buckets():
     ep = build_layout(ep=2, gpus_per_node=2, n_routed_experts=CFG.n_routed_experts, n_group=CFG.n_group)
     model = transformer()
     par = ExpertParallel(model, ep)
-    check("ep buckets", len(par.buckets.buckets) > 2, f"{len(par.buckets.buckets)}")
+    check("ep buckets", len(par.gradients.buckets.buckets) > 2, f"{len(par.gradients.buckets.buckets)}")
     line = Timeline()
     restore = logging_collective(dist, "all_reduce", line, "bucket")
     par.expect_backwards(2)

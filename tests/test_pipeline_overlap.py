@@ -15,6 +15,8 @@ def test_overlap_changes_no_result_pp2_ep2():
     assert "OVERLAP OK" in output, output[-4000:]
     lines = [line for line in output.splitlines() if "bitwise equal" in line]
     assert len(lines) == 6, "\n".join(lines)
+    buckets = [line for line in output.splitlines() if "gradient buckets started during the step" in line]
+    assert len(buckets) == 2, "\n".join(buckets)
 
 
 def test_baton_interleaves_compute_with_the_other_sides_communication():
