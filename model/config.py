@@ -42,6 +42,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 1
     initializer_range: float = 0.006
+    embed_init_std: Optional[float] = None  # input embedding's std; None: initializer_range (model/init.py)
     aux_loss_alpha: float = 1e-4
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +93,8 @@ class ModelConfig:
             raise ValueError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.initializer_range <= 0:
             raise ValueError(f"model.initializer_range must be > 0, got {self.initializer_range}")
+        if self.embed_init_std is not None and self.embed_init_std <= 0:
+            raise ValueError(f"model.embed_init_std must be > 0 or null, got {self.embed_init_std}")
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
         self._validate_rope_scaling()

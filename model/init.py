@@ -1,6 +1,7 @@
 """Layout-independent initialization and rank-local materialization of a Transformer.
 
-DeepSeek-V3 section 4.2 (every matrix Normal(0, 0.006), norms one) with one property the report
+DeepSeek-V3 section 4.2 (every matrix Normal(0, 0.006), norms one; the input embedding may take its
+own std, `ModelConfig.embed_init_std`, see `embedding_std`) with one property the report
 needs at its scale (section 3.2: 16-way pipeline x 64-way expert parallelism): a parameter's initial
 values depend only on (seed, its global name, and the expert index for routed experts). Each
 parameter (each expert's slice of a stacked expert tensor) draws from its own CPU generator seeded
@@ -41,12 +42,23 @@ def _normal_(tensor: torch.Tensor, std: float, seed: int) -> None:
         tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
 
 
+def embedding_std(embed_init_std: Optional[float], std: float) -> float:
+    """Std of the input embedding: `embed_init_std` when set, else the matrices' `std`.
+
+    The embedding only feeds RMSNorms (scale-invariant) and the residual stream, so its scale is free
+    at initialization, but it sets two things: AdamW moves each element by about lr per step, i.e. by
+    lr / std of its size, and the first norm's Jacobian scales its gradient by 1 / std. The report pairs
+    std 0.006 with a peak lr of 2.2e-4 (lr / std = 3.7%); a small model trained at a higher lr needs a
+    larger embedding std to keep that ratio (configs/model/tiny.yaml)."""
+    return std if embed_init_std is None else embed_init_std
+
+
 @torch.no_grad()
-def init_module(module: nn.Module, prefix: str, seed: int, std: float) -> None:
+def init_module(module: nn.Module, prefix: str, seed: int, std: float, embed_std: Optional[float] = None) -> None:
     """Initialize every parameter and buffer under `module`, whose global name is `prefix` ("" for the
     whole model): Normal(0, std) for matrices (per expert for stacked routed experts, expert
-    `expert_offset + i` for row i), ones for norms, zeros for router bias and load. ValueError names
-    a parameter no rule covers."""
+    `expert_offset + i` for row i) and Normal(0, embed_std) for embeddings (default `std`), ones for
+    norms, zeros for router bias and load. ValueError names a parameter no rule covers."""
     done = set()
     for sub_name, sub in module.named_modules(prefix=prefix):
         own = {f"{sub_name}.{n}" if sub_name else n: p for n, p in sub.named_parameters(recurse=False)}
@@ -58,7 +70,8 @@ def init_module(module: nn.Module, prefix: str, seed: int, std: float) -> None:
             for p in own.values():
                 p.fill_(1.0)
         elif isinstance(sub, (nn.Linear, nn.Embedding, Router)):
-            _normal_(sub.weight, std, param_seed(seed, f"{sub_name}.weight" if sub_name else "weight"))
+            own_std = embedding_std(embed_std, std) if isinstance(sub, nn.Embedding) else std
+            _normal_(sub.weight, own_std, param_seed(seed, f"{sub_name}.weight" if sub_name else "weight"))
         if isinstance(sub, Router):
             sub.e_score_correction_bias.zero_()
             sub.tokens_per_expert.zero_()
@@ -80,7 +93,7 @@ def materialize(model: nn.Module, names: Iterable[str], device: torch.device, se
     for name in names:
         sub = model.get_submodule(name)
         sub.to_empty(device=device)
-        init_module(sub, name, seed, std)
+        init_module(sub, name, seed, std, model.cfg.embed_init_std)
     if model.cfg.tie_word_embeddings and model.embed_tokens.weight.device.type != "meta":
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(model.cfg).to(device)

@@ -49,13 +49,14 @@ class Transformer(nn.Module):
             self.init_weights(seed=seed)
 
     def init_weights(self, std: Optional[float] = None, seed: Optional[int] = None) -> None:
-        """Normal(0, std) for every matrix (std = initializer_range, 0.006 in the report), ones for norms,
+        """Normal(0, std) for every matrix (std = initializer_range, 0.006 in the report; the input
+        embedding Normal(0, embed_init_std) when set, `model.init.embedding_std`), ones for norms,
         each parameter from its own generator seeded by (seed, name[, expert]) (`model/init.py`), so
         any layout that materializes a part of the model gets the same values. `seed` defaults to a
         draw from torch's global generator (`torch.manual_seed` then `Transformer(cfg)` is reproducible)."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
-        init_module(self, "", seed, self.cfg.initializer_range if std is None else std)
+        init_module(self, "", seed, self.cfg.initializer_range if std is None else std, self.cfg.embed_init_std)
 
     def forward(self, tokens_BS: torch.Tensor, *, cache: Optional[LatentKVCache] = None,
                 return_mtp: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:

@@ -5,13 +5,16 @@ The reference is the one-process model built by `Transformer(cfg, seed=...)`; ea
 pp=2 x ep=2 (1f1b and dualpipev), ep=4 and pp=2 x ep=4 (interleaved) is built on its own, as the
 trainer builds it, and compared tensor by tensor with the slice of the reference it should hold.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from model.config import ModelConfig
-from model.transformer import Transformer
+from model.transformer import Transformer, lm_loss
 from parallel.rank_model import build_rank_model
 from training.config import compose_job, model_config
+from training.optim import AdamW
 
 SEED = 1234
 LAYOUTS = [(1, 1, "1f1b"), (2, 2, "1f1b"), (2, 2, "dualpipev"), (1, 4, "1f1b"), (2, 4, "interleaved_1f1b")]
@@ -69,7 +72,31 @@ def test_initial_values_depend_on_seed_and_name_only(cfg):
     q0, q1 = (a.layers[i].self_attn.q_a_proj.weight[:8, :8] for i in ("0", "1"))
     assert not torch.equal(q0, q1)
     assert abs(w.std().item() - cfg.initializer_range) < 1e-4
+    assert abs(a.embed_tokens.weight.std().item() - cfg.embed_init_std) < 1e-3
+    assert abs(a.lm_head.weight.std().item() - cfg.initializer_range) < 1e-4
     assert torch.equal(a.layers["1"].mlp.gate.e_score_correction_bias, torch.zeros(cfg.n_routed_experts))
+
+
+def _embedding_relative_step(cfg: ModelConfig, lr: float) -> float:
+    """||change|| / ||value|| of the embedding rows a first AdamW step moves (one batch of 2 x 32 tokens)."""
+    model = Transformer(cfg, seed=SEED)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    optimizer = AdamW(model.named_parameters(), lr=lr, weight_decay=0.0)
+    before = model.embed_tokens.weight.detach().clone()
+    lm_loss(model, tokens)["loss"].backward()
+    optimizer.step()
+    rows = tokens[:, :-1].unique()
+    return ((model.embed_tokens.weight.detach()[rows] - before[rows]).norm() / before[rows].norm()).item()
+
+
+def test_default_job_moves_the_embedding_no_faster_than_the_report(cfg):
+    """The default job's lr (3e-3) against the report's pairing of std 0.006 with lr 2.2e-4 (section
+    4.2): with the report's std, AdamW's first step rewrote half of each embedding row, and the runs
+    spiked (README, "Early spikes"). Reference: the same model and step with the report's std and lr."""
+    lr = compose_job([]).optim.lr
+    report = _embedding_relative_step(dataclasses.replace(cfg, embed_init_std=None), 2.2e-4)
+    assert 0.02 < report < 0.05
+    assert _embedding_relative_step(cfg, lr) <= 1.05 * report
 
 
 def test_fp8_and_meta_builds(cfg):

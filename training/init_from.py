@@ -25,7 +25,7 @@ from parallel.rank_model import RankModel
 
 from .config import ConfigError
 
-IGNORED_FIELDS = ("extra", "initializer_range")
+IGNORED_FIELDS = ("extra", "initializer_range", "embed_init_std")
 
 
 def is_hf_dir(path: Path) -> bool:
