@@ -21,6 +21,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import _batch_p2p
 
 from kernels.linear import backward_phase
 from model.moe import MoE, set_balance_loss_weight, stacked_expert_load, update_router_biases
@@ -45,6 +46,29 @@ class _Stage(PipelineStage):
 
     weight_grads_added: Callable[[List[torch.nn.Parameter]], ContextManager[None]] = staticmethod(
         lambda _params: nullcontext())
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sent_early: set = set()
+
+    def send_now(self, kind: str, mb: int) -> list:
+        """Post the sends of micro-batch `mb`'s forward output (`kind` "F") or input gradient ("B") now,
+        ahead of the schedule's own SEND action, which then sends nothing; returns the works."""
+        ops = super().get_fwd_send_ops(mb) if kind == "F" else super().get_bwd_send_ops(mb)
+        self._sent_early.add((kind, mb))
+        return _batch_p2p(ops)
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int):
+        if ("F", fwd_chunk_id) in self._sent_early:
+            self._sent_early.discard(("F", fwd_chunk_id))
+            return []
+        return super().get_fwd_send_ops(fwd_chunk_id)
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int):
+        if ("B", bwd_chunk_id) in self._sent_early:
+            self._sent_early.discard(("B", bwd_chunk_id))
+            return []
+        return super().get_bwd_send_ops(bwd_chunk_id)
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
         with backward_phase(backward_type):
@@ -162,6 +186,8 @@ class Pipeline:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.schedule.step(inputs, target=labels, labels=labels, return_outputs=False)
+        if self.overlap is not None:
+            self.overlap.wait_sends()
         return self._mean_losses()
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, OVERLAP_F_B
+from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, OVERLAP_F_B, SEND_B, SEND_F
 
 from model.moe import MoE
 
@@ -195,6 +195,9 @@ class DualPipeOverlap:
             raise RuntimeError(f"parallel.overlap=true needs torch's pipelining runtime with register_custom_function "
                                f"(torch >= 2.10), this is torch {torch.__version__}: set parallel.overlap=false")
         self.baton = Baton()
+        self.sends: list = []
+        self.early_sends = 0
+        self._sends_after: Optional[Dict[object, list]] = None
         hooks = BatonWaitHooks(self.baton)
         self.moe_layers: Dict[int, List[MoE]] = {}
         cache: Dict[int, dist.ProcessGroup] = {}
@@ -225,6 +228,8 @@ class DualPipeOverlap:
         b_recv = (_received(schedule.bwd_recv_ops, (bwd.stage_index, bwd.microbatch_index), action)
                   if not b_stage.is_last and bwd.stage_index + 1 not in stages else [])
         errors: List[BaseException] = []
+        post = self._early_sender(schedule, action, {FWD: (f_stage, fwd.microbatch_index),
+                                                     BWD: (b_stage, bwd.microbatch_index)})
 
         def backward(enter) -> None:
             try:
@@ -238,6 +243,7 @@ class DualPipeOverlap:
                     b_stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
                     if bwd.stage_index - 1 in stages:
                         stages[bwd.stage_index - 1].set_local_bwd_input(b_stage.get_local_bwd_output(mb), mb)
+                post(BWD)
             except BaseException as e:  # re-raised in the calling thread
                 errors.append(e)
             finally:
@@ -257,12 +263,47 @@ class DualPipeOverlap:
             schedule._maybe_compute_loss(f_stage, out, ctx.target_mbs, mb)
             if fwd.stage_index + 1 in stages:
                 stages[fwd.stage_index + 1].set_local_fwd_input(out, mb)
+            post(FWD)
         finally:
             self.baton.finish(FWD)
             helper.join()
             self.baton.close()
         if errors:
             raise errors[0]
+
+    def _early_sender(self, schedule, action, chunks: Dict[str, tuple]) -> Callable[[str], None]:
+        """`post(side)`, called when a chunk is done: post the sends that the schedule runs right after
+        this action (its SEND_F / SEND_B of the two chunks) as soon as their chunk is done, in the
+        schedule's order (point-to-point operations between two ranks match in posting order), so the
+        neighbouring rank gets a chunk's output while the other chunk still computes. The schedule's own
+        SEND actions then send nothing (the stages' `send_now`)."""
+        if self._sends_after is None:
+            self._sends_after = _sends_after_overlaps(schedule.pipeline_order_with_comms[schedule.rank])
+        owners = []
+        for send in self._sends_after.get(action, []):
+            side = FWD if send.computation_type == SEND_F else BWD
+            stage, mb = chunks[side]
+            if send.stage_index != stage.stage_index or send.microbatch_index != mb:
+                return lambda side: None
+            owners.append(side)
+        done: set = set()
+        lock = threading.Lock()
+
+        def post(side: str) -> None:
+            with lock:
+                done.add(side)
+                while owners and owners[0] in done:
+                    stage, mb = chunks[owners.pop(0)]
+                    self.sends.extend(stage.send_now("F" if stage is chunks[FWD][0] else "B", mb))
+                    self.early_sends += 1
+
+        return post
+
+    def wait_sends(self) -> None:
+        """Wait for the sends posted early in this step (the schedule waits for its own at its end)."""
+        works, self.sends = self.sends, []
+        for work in works:
+            work.wait()
 
     def _wait(self, side: str, works: list) -> None:
         """Wait for a chunk's pipeline input without the baton: the other chunk computes meanwhile."""
@@ -271,6 +312,21 @@ class DualPipeOverlap:
             for work in works:
                 work.wait()
             self.baton.switch(side, COMPUTE)
+
+
+def _sends_after_overlaps(order: list) -> Dict[object, list]:
+    """For each OVERLAP_F_B action of a rank's order with communication: the SEND_F / SEND_B actions
+    that directly follow it."""
+    out: Dict[object, list] = {}
+    for i, action in enumerate(order):
+        if action is not None and action.computation_type == OVERLAP_F_B:
+            sends = []
+            for nxt in order[i + 1:]:
+                if nxt is None or nxt.computation_type not in (SEND_F, SEND_B):
+                    break
+                sends.append(nxt)
+            out[action] = sends
+    return out
 
 
 def _received(ops: dict, key: tuple, action) -> list:

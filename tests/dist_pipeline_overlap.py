@@ -83,9 +83,12 @@ def check(schedule, precision, dispatcher_name, gpus_per_node, cfg):
     overlaps = pipe.overlap.baton.overlaps if pipe.overlap is not None else 0
     if schedule == "dualpipev" and overlaps == 0:
         FAILURES.append(f"{tag}: no chunk computed while the other communicated")
+    if schedule == "dualpipev" and pipe.overlap.early_sends == 0:
+        FAILURES.append(f"{tag}: no chunk's output was sent before its overlapped action ended")
     if dist.get_rank() == 0:
         print(f"{schedule} {precision} {dispatcher_name}: losses {[r[0].tolist() for r in overlapped]} bitwise equal; "
-              f"hand-offs during communication {overlaps}", flush=True)
+              f"hand-offs during communication {overlaps}, sends posted early "
+              f"{pipe.overlap.early_sends if pipe.overlap is not None else 0}", flush=True)
 
 
 def check_buckets_during_backward(schedule, cfg):
