@@ -8,8 +8,8 @@ overrides.
 
 The command `python -m parallel.summary <model-config-name> [key=value ...] [--fit GPUS --gpu-mem GIB]`
 prints these figures together with the training memory per GPU of a layout and can search the
-layouts that fit; it lives in parallel/ (the layer that knows layouts), since model/ imports nothing
-from parallel/.
+layouts that fit; it lives in the parallel package (the layer that knows layouts), which model/ never
+imports.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ thing, a DTensor with another ep reads its own slice) and the HF export sees eve
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -132,7 +132,6 @@ class GradientAllReduce:
         self.params = [p for _, p in named]
         self.expert = [is_expert_param(n) for n, _ in named]
         self.buckets = BucketedReduction(self.params, self.expert, self._start_bucket)
-        self.added_outside_autograd = self.buckets.added_outside_autograd
 
     def _start_bucket(self, _bucket: int, indices: List[int]) -> AllReduceBucket:
         for i in indices:
@@ -146,6 +145,11 @@ class GradientAllReduce:
         """This step runs `n` backward passes (micro-batches): buckets start after the last one.
         `uses`: additions per pass of shared parameters (`grad_buckets.BucketedReduction.expect`)."""
         self.buckets.expect(n, uses)
+
+    def added_outside_autograd(self, params: Iterable[nn.Parameter]) -> ContextManager[None]:
+        """Around a zero-bubble schedule's weight step: count the gradients it adds without autograd's
+        hooks (`grad_buckets.BucketedReduction.added_outside_autograd`)."""
+        return self.buckets.added_outside_autograd(params)
 
     def reduce_gradients(self) -> None:
         """Start what is left, wait for every bucket, write the averaged gradients."""

@@ -52,7 +52,8 @@ class _Stage(PipelineStage):
         self._sent_early: set = set()
 
     def send_now(self, kind: str, mb: int) -> list:
-        """Post the sends of micro-batch `mb`'s forward output (`kind` "F") or input gradient ("B") now,
+        """Post the sends of micro-batch `mb`'s forward output (`kind` "F", `pipeline_overlap.FWD`) or
+        input gradient ("B", `pipeline_overlap.BWD`) now,
         ahead of the schedule's own SEND action, which then sends nothing; returns the works."""
         ops = super().get_fwd_send_ops(mb) if kind == "F" else super().get_bwd_send_ops(mb)
         self._sent_early.add((kind, mb))

@@ -196,7 +196,7 @@ class DualPipeOverlap:
                                f"(torch >= 2.10), this is torch {torch.__version__}: set parallel.overlap=false")
         self.baton = Baton()
         self.sends: list = []
-        self.early_sends = 0
+        self.early_sends = 0  # sends posted inside an overlapped action, when their chunk was done
         self._sends_after: Optional[Dict[object, list]] = None
         hooks = BatonWaitHooks(self.baton)
         self.moe_layers: Dict[int, List[MoE]] = {}
@@ -293,8 +293,9 @@ class DualPipeOverlap:
             with lock:
                 done.add(side)
                 while owners and owners[0] in done:
-                    stage, mb = chunks[owners.pop(0)]
-                    self.sends.extend(stage.send_now("F" if stage is chunks[FWD][0] else "B", mb))
+                    side_done = owners.pop(0)
+                    stage, mb = chunks[side_done]
+                    self.sends.extend(stage.send_now(side_done, mb))
                     self.early_sends += 1
 
         return post

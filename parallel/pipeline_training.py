@@ -65,8 +65,10 @@ class PipelineParallel:
         self.zero = Zero1(named, layout, make_optimizer, shard=zero, offload=offload) if zero or masters else None
         self.optimizer = self.zero if self.zero is not None else make_optimizer(named)
         self.gradients = self.zero if self.zero is not None else GradientAllReduce(named, layout)
+        self.param_uses = {}
         if self.pipe is not None:
             self.pipe.report_weight_gradients(self.gradients.added_outside_autograd)
+            self.param_uses = self.pipe.parameter_uses()
 
     # ---- the step --------------------------------------------------------------------------
     def forward_backward(self, rows: torch.Tensor, *, mtp_lambda: float, alpha: float,
@@ -75,10 +77,7 @@ class PipelineParallel:
         The gradient reduction (all-reduce, or ZeRO-1's reduce-scatter) starts bucket by bucket during
         the backward passes, as each bucket's last gradient arrives (`reduce_gradients` finishes it)."""
         if self.pipe is not None:
-            self.gradients.expect_backwards(self.n_microbatches, self.pipe.parameter_uses())
-        else:
-            self.gradients.expect_backwards(-(-rows.shape[0] // self.micro_batch))
-        if self.pipe is not None:
+            self.gradients.expect_backwards(self.n_microbatches, self.param_uses)
             self.pipe.set_mtp_weight(mtp_lambda)
             self.pipe.set_balance_loss_weight(alpha / self.n_microbatches)
             with autocast():
@@ -86,6 +85,7 @@ class PipelineParallel:
             balance = self.pipe.balance_loss()
             return torch.stack([out["loss"].double(), out["mtp_loss"].double(), balance.double()])
         micro = list(rows.split(self.micro_batch))
+        self.gradients.expect_backwards(len(micro))
         self.model.set_balance_loss_weight(alpha / len(micro))
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for tokens in micro:
