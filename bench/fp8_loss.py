@@ -15,7 +15,8 @@ and compares, per window of steps (default 10) and at the end (final validation 
 Then, per window and at the end, the mean and the spread (standard deviation over seeds) of the
 per-seed relative gaps, for fp8 vs bf16 next to bf16 vs fp32. Two configs: `tiny` (the CI model,
 hidden 256: a 128-wide block is half a row) and `wide` (hidden 512, 2 layers + MTP, 2 × 128-row
-blocks per expert matrix), both kept small enough for a CPU. Two runs go at a time (2 cores).
+blocks per expert matrix, matrices at std 0.0225: the report's std x sqrt(fan-in)), both kept small
+enough for a CPU. Two runs go at a time (2 cores).
 
 JSON lines (bench contract): per seed and window, `ours` = fp8 mean loss, `peer_value` = bf16's,
 `ratio` = fp8 / bf16, with `floor_ratio` = bf16 / fp32 and `fp32_ratio` = fp8 / fp32 on the same seed
@@ -45,8 +46,10 @@ TRAIN = ["logging.every=1", "logging.wandb.mode=disabled"]
 CONFIGS: Dict[str, List[str]] = {
     # the issue's command: tiny, 60 steps of 8 x 128 tokens in 2 micro-batches
     "tiny": ["model=tiny", "train.seq_len=128", "train.global_batch=8", "train.micro_batch=4", "train.steps=60"],
-    # hidden 512, experts of 256 (two 128-row blocks), 2 layers (1 dense, 1 MoE) + the MTP module
-    "wide": ["model=tiny", "model.hidden_size=512", "model.intermediate_size=1024", "model.moe_intermediate_size=256",
+    # hidden 512, experts of 256 (two 128-row blocks), 2 layers (1 dense, 1 MoE) + the MTP module; matrices
+    # at std 0.006 x sqrt(7168 / 512) = 0.0225, the report's output scale std x sqrt(fan-in) at this width
+    # (README, "Conditioning at small width")
+    "wide": ["model=tiny", "model.hidden_size=512", "model.initializer_range=0.0225", "model.intermediate_size=1024", "model.moe_intermediate_size=256",
              "model.num_hidden_layers=2", "model.q_lora_rank=256", "model.kv_lora_rank=128",
              "model.num_attention_heads=8", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
              "train.steps=60"],
