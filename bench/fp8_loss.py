@@ -49,8 +49,8 @@ CONFIGS: Dict[str, List[str]] = {
     # hidden 512, experts of 256 (two 128-row blocks), 2 layers (1 dense, 1 MoE) + the MTP module; matrices
     # at std 0.006 x sqrt(7168 / 512) = 0.0225, the report's output scale std x sqrt(fan-in) at this width
     # (README, "Conditioning at small width")
-    "wide": ["model=tiny", "model.hidden_size=512", "model.initializer_range=0.0225", "model.intermediate_size=1024", "model.moe_intermediate_size=256",
-             "model.num_hidden_layers=2", "model.q_lora_rank=256", "model.kv_lora_rank=128",
+    "wide": ["model=tiny", "model.hidden_size=512", "model.initializer_range=0.0225", "model.intermediate_size=1024",
+             "model.moe_intermediate_size=256", "model.num_hidden_layers=2", "model.q_lora_rank=256", "model.kv_lora_rank=128",
              "model.num_attention_heads=8", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
              "train.steps=60"],
 }

@@ -53,23 +53,24 @@ class _Stage(PipelineStage):
 
     def send_now(self, kind: str, mb: int) -> list:
         """Post the sends of micro-batch `mb`'s forward output (`kind` "F", `pipeline_overlap.FWD`) or
-        input gradient ("B", `pipeline_overlap.BWD`) now,
-        ahead of the schedule's own SEND action, which then sends nothing; returns the works."""
+        input gradient ("B", `pipeline_overlap.BWD`) now, ahead of the schedule's own SEND action, which
+        then sends nothing; returns the works."""
         ops = super().get_fwd_send_ops(mb) if kind == "F" else super().get_bwd_send_ops(mb)
         self._sent_early.add((kind, mb))
         return _batch_p2p(ops)
 
-    def get_fwd_send_ops(self, fwd_chunk_id: int):
-        if ("F", fwd_chunk_id) in self._sent_early:
-            self._sent_early.discard(("F", fwd_chunk_id))
+    def _unless_sent_early(self, kind: str, mb: int, send_ops: Callable[[int], list]) -> list:
+        """The schedule's send operations for (kind, mb), or none when `send_now` already posted them."""
+        if (kind, mb) in self._sent_early:
+            self._sent_early.discard((kind, mb))
             return []
-        return super().get_fwd_send_ops(fwd_chunk_id)
+        return send_ops(mb)
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int):
+        return self._unless_sent_early("F", fwd_chunk_id, super().get_fwd_send_ops)
 
     def get_bwd_send_ops(self, bwd_chunk_id: int):
-        if ("B", bwd_chunk_id) in self._sent_early:
-            self._sent_early.discard(("B", bwd_chunk_id))
-            return []
-        return super().get_bwd_send_ops(bwd_chunk_id)
+        return self._unless_sent_early("B", bwd_chunk_id, super().get_bwd_send_ops)
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
         with backward_phase(backward_type):
