@@ -24,7 +24,11 @@ and window; per window over seeds, `ours`/`peer_value` are the means and `gap_pc
 `fp32_gap_pct` hold {mean, spread} in %.
 Progress goes to stderr.
 
-    python -m bench.fp8_loss [--configs tiny,wide] [--seeds 7,8,9] [--window 10] [--keep DIR]
+    python -m bench.fp8_loss [--configs tiny,wide] [--seeds 7,8,9] [--window 10] [--steps N] [--keep DIR]
+
+`--steps N` runs each config for N steps instead of its own 60 (the learning-rate schedule, warmup and
+cosine decay, stretches with it): the report's gap is that of a whole run, and a 60-step run ends while
+the loss still falls steeply.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp8", "bf16", "fp32")
@@ -56,11 +60,23 @@ CONFIGS: Dict[str, List[str]] = {
 }
 
 
-def run(config: str, seed: int, precision: str, out_root: Path) -> List[dict]:
+def overrides(config: str, steps: Optional[int] = None) -> List[str]:
+    """The config's train.py overrides, with `train.steps={steps}` in place of its own when given."""
+    if steps is None:
+        return list(CONFIGS[config])
+    return [o for o in CONFIGS[config] if not o.startswith("train.steps=")] + [f"train.steps={steps}"]
+
+
+def run_dir(out_root: Path, config: str, seed: int, precision: str, steps: Optional[int] = None) -> Path:
+    """Where `run` trains (and finds) the run of `config`, `seed`, `precision` and `steps`."""
+    return out_root / f"{config}{'' if steps is None else f'_{steps}steps'}_s{seed}_{precision}"
+
+
+def run(config: str, seed: int, precision: str, out_root: Path, steps: Optional[int] = None) -> List[dict]:
     """One `train.py` run on one thread (validation at the end only); returns its metrics.jsonl rows.
     A run already complete in `out_root` is reused (train.py resumes from its final checkpoint)."""
-    out = out_root / f"{config}_s{seed}_{precision}"
-    args = [sys.executable, str(ROOT / "train.py"), *CONFIGS[config], *TRAIN, f"seed={seed}",
+    out = run_dir(out_root, config, seed, precision, steps)
+    args = [sys.executable, str(ROOT / "train.py"), *overrides(config, steps), *TRAIN, f"seed={seed}",
             f"precision={precision}", f"out_dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.perf_counter()
@@ -127,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", default="tiny,wide", help=f"comma-separated, of {sorted(CONFIGS)}")
     parser.add_argument("--seeds", default="7,8,9", help="comma-separated seeds (>= 3 for a spread worth reading)")
     parser.add_argument("--window", type=int, default=10, help="steps per window")
+    parser.add_argument("--steps", type=int, help="steps per run instead of each config's 60")
     parser.add_argument("--keep", help="write the runs' out_dirs here (default: a temporary directory); "
                                        "runs already complete there are reused")
     args = parser.parse_args(argv)
@@ -137,11 +154,14 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.window < 1:
         raise SystemExit(f"--window must be >= 1, got {args.window}")
+    if args.steps is not None and args.steps <= args.window:
+        raise SystemExit(f"--steps must exceed --window ({args.window}): the grad-norm line reads the steps "
+                         f"after the first window; got {args.steps}")
     with tempfile.TemporaryDirectory() as tmp:
         out_root = Path(args.keep).resolve() if args.keep else Path(tmp)
         jobs = [(c, s, p) for c in configs for s in seeds for p in PRECISIONS]
         with ThreadPoolExecutor(2) as pool:
-            results = dict(zip(jobs, pool.map(lambda job: run(*job, out_root), jobs)))
+            results = dict(zip(jobs, pool.map(lambda job: run(*job, out_root, args.steps), jobs)))
     for config in configs:
         report(config, seeds, {(s, p): results[config, s, p] for s in seeds for p in PRECISIONS}, args.window)
 

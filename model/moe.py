@@ -65,13 +65,16 @@ def grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tens
     """Rows of x sorted by expert, counts_E rows per expert: row n of expert e -> x[n] @ w[e]^T.
 
     Autocast has no rule for grouped GEMMs, so under autocast both operands are cast here (the
-    weight through `autocast_weight`, shared by the micro-batches in flight).
+    weight through `autocast_weight`, shared by the micro-batches in flight). In fp64 (reference
+    computations: torch's grouped GEMM has none) one GEMM per expert.
     """
     if torch.is_autocast_enabled(x_ND.device.type):
         dtype = torch.get_autocast_dtype(x_ND.device.type)
         x_ND, w_EOD = x_ND.to(dtype), autocast_weight(w_EOD, dtype)
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w_EOD.shape[1])
+    if x_ND.dtype == torch.float64:
+        return torch.cat([x @ w.T for x, w in zip(x_ND.split(counts_E.tolist()), w_EOD)])
     offsets = torch.cumsum(counts_E, 0).to(torch.int32)
     return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offsets)
 

@@ -59,6 +59,15 @@ def test_bad_arguments_are_refused():
         fp8_loss.main(["--configs", "huge"])
     with pytest.raises(SystemExit, match="--window"):
         fp8_loss.main(["--window", "0"])
+    with pytest.raises(SystemExit, match="--steps must exceed --window"):
+        fp8_loss.main(["--steps", "10"])
+
+
+def test_steps_replaces_the_configs_own_step_count():
+    assert fp8_loss.overrides("wide") == fp8_loss.CONFIGS["wide"]
+    longer = fp8_loss.overrides("wide", 300)
+    assert [o for o in longer if o.startswith("train.steps=")] == ["train.steps=300"]
+    assert set(longer) - {"train.steps=300"} == {o for o in fp8_loss.CONFIGS["wide"] if not o.startswith("train.steps=")}
 
 
 def test_wide_case_keeps_the_reports_output_scale():

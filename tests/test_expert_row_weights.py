@@ -58,6 +58,17 @@ def test_grouped_experts_row_weight_equals_scaling_the_output():
     assert_grads_close(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, ref, dy.double()), 1e-5)
 
 
+def test_grouped_experts_run_in_fp64_for_reference_gradients():
+    """torch's grouped GEMM has no fp64; a model moved to fp64 (the reference of bench.fp8_grad_error)
+    runs its experts one GEMM each, an expert without rows included."""
+    experts = make_experts().double()
+    x = torch.randn(sum(COUNTS), 16, dtype=torch.float64)
+    w = torch.rand(sum(COUNTS), dtype=torch.float64)
+    got = experts(x, torch.tensor(COUNTS), w)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference_rows(experts.gate_up_proj, experts.down_proj, x, w), rtol=1e-12, atol=1e-12)
+
+
 def test_local_dispatcher_equals_per_token_weighted_sum_fp64():
     experts = make_experts()
     T, K = 6, 2
