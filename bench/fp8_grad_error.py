@@ -166,10 +166,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="length of the fp8 run (default: the config's own)")
     parser.add_argument("--keep", help="bench.fp8_loss's --keep directory (default: a temporary one)")
     args = parser.parse_args(argv)
-    configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in fp8_loss.CONFIGS]
-    if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(fp8_loss.CONFIGS)}")
+    configs = fp8_loss.parse_configs(args.configs)
     if args.batches < 1:
         raise SystemExit(f"--batches must be >= 1, got {args.batches}")
     seeds = [int(s) for s in args.seeds.split(",")]

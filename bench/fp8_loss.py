@@ -138,6 +138,15 @@ def report(config: str, seeds: List[int], curves: Dict[Tuple[int, str], List[dic
              fp32_gap_pct=gap_stats(list(zip(values["fp8"], values["fp32"]))))
 
 
+def parse_configs(text: str) -> List[str]:
+    """`--configs`' comma-separated names; SystemExit naming the unknown ones and the known ones."""
+    configs = text.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
+    return configs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,wide", help=f"comma-separated, of {sorted(CONFIGS)}")
@@ -147,10 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", help="write the runs' out_dirs here (default: a temporary directory); "
                                        "runs already complete there are reused")
     args = parser.parse_args(argv)
-    configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
+    configs = parse_configs(args.configs)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.window < 1:
         raise SystemExit(f"--window must be >= 1, got {args.window}")

@@ -43,3 +43,10 @@ def test_measures_a_real_state_against_fp64(tmp_path):
     assert row["bf16"]["relerr"] < 0.01 and 3 * row["bf16"]["relerr"] < row["fp8"]["relerr"] < 0.2
     assert row["fp8"]["gain"] == pytest.approx(1, abs=0.05)
     assert set(row["fp8"]["parts"]) >= {"embed_tokens", "lm_head", "layers.0 attention", "layers.1 experts"}
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit, match="unknown"):
+        fp8_grad_error.main(["--configs", "huge"])
+    with pytest.raises(SystemExit, match="--batches"):
+        fp8_grad_error.main(["--batches", "0"])
